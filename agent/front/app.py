@@ -1,0 +1,96 @@
+"""The ASGI application: routes, the lifespan that opens the state store, error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from agent import __version__
+from agent.assets import MODELS, resolve
+from agent.config import Settings
+from agent.errors import ModelMissingError, ParleyError
+from agent.state.store import Store
+
+log = logging.getLogger("parley")
+
+
+async def healthz(request: Request) -> JSONResponse:
+    store: Store = request.app.state.store
+    try:
+        store_ok = await store.ping()
+    except Exception:  # a dead store is what this endpoint exists to report
+        store_ok = False
+    body = {
+        "status": "ok" if store_ok else "degraded",
+        "version": __version__,
+        "store": {"ok": store_ok, "embedded": store.embedded},
+        "models": request.app.state.models,
+    }
+    return JSONResponse(body, status_code=200 if store_ok else 503)
+
+
+async def parley_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ParleyError)
+    return JSONResponse(exc.to_dict(), status_code=exc.status)
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": code}}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def server_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    body = {"error": {"message": "internal server error", "type": "server_error",
+                      "param": None, "code": None}}
+    return JSONResponse(body, status_code=500)
+
+
+def check_models(settings: Settings) -> dict[str, str]:
+    """Resolve (and on first start assemble) the models this configuration uses.
+
+    Names are bundled models; anything else is a path the operator configured.
+    """
+    wanted = [settings.asr_model, "joe", "silero-vad", settings.llm_model]
+    found: dict[str, str] = {}
+    for name in wanted:
+        if name in MODELS:
+            found[name] = str(resolve(name, settings.cache_dir))
+        elif Path(name).expanduser().exists():
+            found[name] = str(Path(name).expanduser())
+        else:
+            raise ModelMissingError(f"model {name!r} is neither a bundled model nor a path")
+    return found
+
+
+def create_app(settings: Settings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.settings = settings
+        # Fail at start, in one line, if a default model is missing, not on the first request.
+        app.state.models = await asyncio.to_thread(check_models, settings)
+        app.state.store = await Store.open(settings)
+        try:
+            yield
+        finally:
+            await app.state.store.close()
+
+    routes = [Route("/healthz", healthz, methods=["GET"])]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={ParleyError: parley_error, HTTPException: http_error,
+                            Exception: server_error},
+    )

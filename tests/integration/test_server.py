@@ -1,0 +1,67 @@
+"""`parley serve` as a user starts it: a real process, real HTTP."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+PARLEY = Path(sys.executable).with_name("parley")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    proc = subprocess.Popen([str(PARLEY), "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("server did not start: " + (proc.stdout.read() if proc.stdout else ""))
+    yield base
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_healthz_reports_store_and_models(server):
+    body = httpx.get(server + "/healthz").json()
+    assert body["status"] == "ok"
+    assert body["store"] == {"ok": True, "embedded": True}
+    assert {"whisper-base", "joe", "silero-vad", "smollm2"} <= set(body["models"])
+
+
+def test_unknown_route_is_an_openai_error(server):
+    r = httpx.get(server + "/v1/nothing-here")
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error"
+
+
+def test_serve_refuses_to_start_without_a_model(tmp_path):
+    env = dict(os.environ, PARLEY_LLM_MODEL=str(tmp_path / "absent.gguf"))
+    out = subprocess.run([str(PARLEY), "serve", "--port", "1"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0
+    assert "absent.gguf" in out.stdout + out.stderr
+
+
+def test_models_command_lists_every_model():
+    out = subprocess.run([str(PARLEY), "models"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for name in ("whisper-base", "joe", "silero-vad", "smollm2", "qwen2.5-coder-0.5b"):
+        assert name in out.stdout
