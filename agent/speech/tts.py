@@ -1,0 +1,189 @@
+"""Text to speech with Piper: whole texts, and text that streams in as an LLM writes it.
+
+`TTSEngine.stream` takes text deltas, cuts them into clauses (`agent.speech.clauses`) and
+yields one `AudioChunk` per clause, so the first audio exists long before the last word.
+Each chunk carries the text it speaks, for transcript deltas beside the audio. Output is
+float32 mono PCM at the voice's own rate (22,050 Hz for joe); encoders resample.
+
+Synthesis runs in a thread pool, never on the event loop. Stopping the stream (closing the
+generator, or cancelling the task that reads it) stops synthesis: no clause is started
+after the consumer has gone, and a clause in flight is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from agent.config import Settings
+from agent.errors import InvalidRequestError
+from agent.speech.clauses import DEFAULT_POLICY, ClausePolicy, ClauseSplitter, split_clauses
+from agent.speech.voices import LoadedVoice, VoiceBank
+
+MIN_SPEED = 0.25
+MAX_SPEED = 4.0
+# Piper scales each clause to a full-scale peak; lossy encoders (mp3, aac, opus) overshoot
+# such peaks and clip, so leave about 1 dB of headroom.
+VOLUME = 0.89
+
+_SPEAKABLE = re.compile(r"\w")
+# Control characters (a NUL crashes espeak) and lone surrogates (not encodable).
+_UNSPEAKABLE_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+_MARKDOWN = (
+    (re.compile(r"\[([^\]\n]+)\]\([^)\s]*\)"), r"\1"),              # [text](url) → text
+    (re.compile(r"^[ \t]{0,3}(?:#{1,6}|[-*+]|>)[ \t]+", re.M), ""),  # headings, bullets, quotes
+    (re.compile(r"\*+(?=\S)|(?<=\S)\*+|_{2,3}|`+"), ""),            # emphasis, code ticks
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """Speech for one clause: float32 mono samples at `rate`, and the text they speak.
+
+    `pcm` is empty when the text holds nothing to say (only punctuation or spaces); the
+    chunk still carries the text so that chunk texts always add up to the input.
+    """
+
+    pcm: np.ndarray
+    rate: int
+    text: str
+
+    @property
+    def duration(self) -> float:
+        return len(self.pcm) / self.rate
+
+
+def check_speed(speed: object) -> float:
+    """The speed as a float in [0.25, 4.0], or InvalidRequestError(param="speed")."""
+    valid = isinstance(speed, int | float) and not isinstance(speed, bool)
+    if not valid or not math.isfinite(speed) or not MIN_SPEED <= speed <= MAX_SPEED:  # type: ignore[arg-type]
+        raise InvalidRequestError(
+            f"speed must be a number from {MIN_SPEED} to {MAX_SPEED}, got {speed!r}",
+            param="speed",
+        )
+    return float(speed)  # type: ignore[arg-type]
+
+
+def speakable(text: str) -> str:
+    """Text as Piper should read it: markdown marks (**, `, #, bullets, link URLs) and
+    control characters removed."""
+    text = _UNSPEAKABLE_CHARS.sub(" ", text)
+    for pattern, replacement in _MARKDOWN:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class TTSEngine:
+    """Piper synthesis for every configured voice. Safe to share between sessions."""
+
+    def __init__(self, settings: Settings, voices: VoiceBank | None = None):
+        self.voices = voices or VoiceBank(settings)
+        self.default_voice = settings.default_voice
+        # onnxruntime uses `tts_threads` per run; this many runs fill the cores.
+        workers = max(1, (os.cpu_count() or 2) // max(1, settings.tts_threads))
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="tts")
+
+    @property
+    def voice_names(self) -> tuple[str, ...]:
+        return self.voices.names
+
+    def check(self, voice: str | None, speed: object = 1.0) -> tuple[str, float]:
+        """Validate a request's voice and speed before any work starts."""
+        name = self.default_voice if voice is None else voice
+        return self.voices.check(name), check_speed(speed)
+
+    def load(self, voice: str | None = None) -> int:
+        """Load, measure and warm a voice now rather than on its first request (a server
+        calls this at start-up); return its sample rate."""
+        loaded = self.voices.get(self.default_voice if voice is None else voice)
+        loaded.fixed_fraction  # noqa: B018 - the speed calibration doubles as a warm-up
+        return loaded.rate
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- whole texts ---
+
+    def synthesize(
+        self, text: str, voice: str | None = None, speed: float = 1.0
+    ) -> tuple[np.ndarray, int]:
+        """Speak a whole text (blocking): (float32 mono PCM, sample rate)."""
+        if not isinstance(text, str):
+            raise InvalidRequestError(f"the text to speak must be a string, not {text!r}")
+        loaded, length_scale = self._prepare(*self.check(voice, speed))
+        pieces = [_speak(loaded, clause, length_scale) for clause in split_clauses(text)]
+        pcm = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+        return pcm, loaded.rate
+
+    async def synthesize_async(
+        self, text: str, voice: str | None = None, speed: float = 1.0
+    ) -> AudioChunk:
+        """Speak a whole text off the event loop."""
+        pcm, rate = await self._run(self.synthesize, text, voice, speed)
+        return AudioChunk(pcm, rate, text)
+
+    # --- streaming ---
+
+    async def stream(
+        self,
+        text: str | AsyncIterable[str] | Iterable[str],
+        voice: str | None = None,
+        speed: float = 1.0,
+        *,
+        policy: ClausePolicy = DEFAULT_POLICY,
+    ) -> AsyncIterator[AudioChunk]:
+        """Yield one AudioChunk per clause as soon as the text for it has arrived.
+
+        Clauses are synthesised one at a time, each only when the consumer asks for the
+        next chunk, so a consumer that stops (barge-in) costs no further synthesis.
+        """
+        name, speed = self.check(voice, speed)
+        # Loading a voice, or measuring it for a new speed, is model work: off the loop.
+        loaded, length_scale = await self._run(self._prepare, name, speed)
+        splitter = ClauseSplitter(policy)
+        source = text if isinstance(text, AsyncIterable) else _from_sync(text)
+        async for delta in source:
+            for clause in splitter.feed(delta):
+                yield await self._clause(loaded, clause, length_scale)
+        if (rest := splitter.flush()) is not None:
+            yield await self._clause(loaded, rest, length_scale)
+
+    def _prepare(self, name: str, speed: float) -> tuple[LoadedVoice, float]:
+        loaded = self.voices.get(name)
+        return loaded, loaded.length_scale(speed)
+
+    async def _clause(self, loaded: LoadedVoice, text: str, length_scale: float) -> AudioChunk:
+        pcm = await self._run(_speak, loaded, text, length_scale)
+        return AudioChunk(pcm, loaded.rate, text)
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+def _speak(loaded: LoadedVoice, text: str, length_scale: float) -> np.ndarray:
+    """One clause through Piper (blocking). Piper may split it into sentences; join them."""
+    from piper import SynthesisConfig
+
+    spoken = speakable(text)
+    if not _SPEAKABLE.search(spoken):
+        return np.zeros(0, np.float32)
+    config = SynthesisConfig(length_scale=length_scale, volume=VOLUME)
+    pieces = [chunk.audio_float_array for chunk in loaded.piper.synthesize(spoken, config)]  # type: ignore[attr-defined]
+    if not pieces:
+        return np.zeros(0, np.float32)
+    return np.concatenate(pieces).astype(np.float32, copy=False)
+
+
+async def _from_sync(text: str | Iterable[str]) -> AsyncIterator[str]:
+    for delta in [text] if isinstance(text, str) else text:
+        yield delta

@@ -1,0 +1,292 @@
+"""Piper TTS with the bundled joe voice: voices, speed, streaming, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent import assets
+from agent.config import OPENAI_VOICES, Settings
+from agent.errors import ConfigError, InvalidRequestError, VoiceError
+from agent.speech import tts as tts_module
+from agent.speech.tts import AudioChunk, TTSEngine, speakable
+from agent.speech.voices import VoiceBank
+
+pytestmark = pytest.mark.slow
+
+SENTENCE = "The quick brown fox jumps over the lazy dog by the river."
+PARAGRAPH = (
+    "Sure, I can help with that. The weather in Paris is mild today, with a light breeze "
+    "from the west. Tomorrow will be warmer, so you might want to pack a light jacket. "
+    "Let me know if you need anything else."
+)
+
+
+@pytest.fixture(scope="module")
+def settings_(settings: Settings) -> Settings:
+    # "narrator" names the bundled file by path: a configured extra voice.
+    joe = assets.resolve("joe", settings.cache_dir)
+    return dataclasses.replace(settings, tts_threads=1, voices={"narrator": str(joe)})
+
+
+@pytest.fixture(scope="module")
+def engine(settings_: Settings):
+    engine = TTSEngine(settings_)
+    engine.load()  # load and warm the joe voice once for the whole module
+    yield engine
+    engine.close()
+
+
+def seconds(pcm: np.ndarray, rate: int) -> float:
+    return len(pcm) / rate
+
+
+def voiced_seconds(pcm: np.ndarray, rate: int) -> float:
+    """Duration of 20 ms frames louder than -35 dBFS: speech, not the silence around it."""
+    frame = rate // 50
+    frames = pcm[: len(pcm) // frame * frame].reshape(-1, frame)
+    rms = np.sqrt(np.mean(frames**2, axis=1))
+    return float(np.sum(rms > 10 ** (-35 / 20)) * frame / rate)
+
+
+# --- whole texts ---
+
+
+def test_synthesis_gives_float32_mono_speech_at_the_voice_rate(engine: TTSEngine):
+    pcm, rate = engine.synthesize(SENTENCE)
+    assert rate == 22050
+    assert pcm.dtype == np.float32 and pcm.ndim == 1
+    assert np.all(np.isfinite(pcm)) and np.max(np.abs(pcm)) <= 1.0
+    # Some 13 words: a few seconds of audio, most of it voiced.
+    assert 2.5 < seconds(pcm, rate) < 7.0
+    assert voiced_seconds(pcm, rate) > 0.6 * seconds(pcm, rate)
+
+
+def test_duration_scales_with_one_over_speed(engine: TTSEngine):
+    speeds = (0.25, 0.5, 1.0, 1.5, 2.0, 4.0)
+    durations = {s: seconds(*engine.synthesize(SENTENCE, "alloy", s)) for s in speeds}
+    ordered = [durations[s] for s in speeds]
+    assert ordered == sorted(ordered, reverse=True), durations
+    for speed in speeds[:-1]:
+        ratio = durations[speed] / (durations[1.0] / speed)
+        assert 0.85 < ratio < 1.15, (speed, durations)
+    # Above ~2.2x Piper reaches one frame per phoneme (see voices.py): faster, not 4x.
+    assert durations[4.0] < durations[1.0] / 1.8, durations
+
+
+@pytest.mark.parametrize("voice", OPENAI_VOICES)
+def test_every_openai_voice_name_speaks(engine: TTSEngine, voice: str):
+    pcm, rate = engine.synthesize("Hello from Parley.", voice)
+    assert rate == 22050 and seconds(pcm, rate) > 0.5
+
+
+def test_voices_that_share_a_file_share_one_loaded_model(engine: TTSEngine):
+    assert engine.voices.get("alloy").piper is engine.voices.get("cedar").piper
+
+
+def test_an_unknown_voice_is_a_voice_error_listing_the_valid_ones(engine: TTSEngine):
+    with pytest.raises(VoiceError) as info:
+        engine.synthesize("Hello.", "bobby")
+    assert info.value.param == "voice" and info.value.status == 400
+    assert "bobby" in info.value.message
+    for name in OPENAI_VOICES:
+        assert name in info.value.message
+    for bad in ("", "ALLOY", {"id": "voice_123"}):
+        with pytest.raises(VoiceError):
+            engine.synthesize("Hello.", bad)
+
+
+async def test_an_unknown_voice_fails_the_stream_before_any_audio(engine: TTSEngine):
+    with pytest.raises(VoiceError):
+        async for _ in engine.stream("Hello there.", "bobby"):
+            pass
+
+
+@pytest.mark.parametrize("speed", [0.24, 4.01, 0, -1, math.nan, math.inf, "fast", None, True])
+def test_a_speed_out_of_range_is_an_invalid_request(engine: TTSEngine, speed):
+    with pytest.raises(InvalidRequestError) as info:
+        engine.synthesize("Hello.", speed=speed)
+    assert info.value.param == "speed"
+    assert "0.25" in info.value.message and "4.0" in info.value.message
+
+
+def test_speed_limits_themselves_are_accepted(engine: TTSEngine):
+    for speed in (0.25, 4.0, 4):
+        pcm, _ = engine.synthesize("Hi there.", speed=speed)
+        assert len(pcm) > 0
+
+
+def test_a_configured_extra_voice_by_path(engine: TTSEngine):
+    assert "narrator" in engine.voice_names and "alloy" in engine.voice_names
+    pcm, rate = engine.synthesize("A custom voice.", "narrator")
+    assert rate == 22050 and seconds(pcm, rate) > 0.5
+
+
+def test_a_configured_voice_that_is_not_a_piper_file_is_a_config_error(settings, tmp_path):
+    missing = dataclasses.replace(settings, voices={"narrator": str(tmp_path / "x.onnx")})
+    with pytest.raises(ConfigError, match="narrator"):
+        VoiceBank(missing)
+    with pytest.raises(ConfigError, match="bogus"):
+        VoiceBank(dataclasses.replace(settings, voices={"alloy": "bogus"}))
+
+
+def test_text_with_nothing_to_say_gives_no_audio(engine: TTSEngine):
+    for text in ("", "   ", "...", "— !"):
+        pcm, rate = engine.synthesize(text)
+        assert len(pcm) == 0 and rate == 22050
+
+
+def test_markdown_marks_are_not_read_aloud():
+    text = "# Plan\n- **Buy** `milk`\n* see [the shop](https://example.com/x)\n> quoted"
+    assert speakable(text) == "Plan\nBuy milk\nsee the shop\nquoted"
+    assert speakable("snake_case and 3 * 4 stay") == "snake_case and 3 * 4 stay"
+
+
+@settings(max_examples=10, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(max_size=30))
+def test_any_text_synthesises_without_error(engine: TTSEngine, text: str):
+    pcm, rate = engine.synthesize(text)
+    assert pcm.dtype == np.float32 and rate == 22050
+    assert np.all(np.isfinite(pcm))
+
+
+# --- streaming ---
+
+
+async def test_first_audio_arrives_before_the_rest_of_the_text_is_sent(engine: TTSEngine):
+    first_audio = asyncio.Event()
+    sent: list[str] = []
+    opening = "Sure thing, let me look that up for you."
+    rest = "The shop opens at nine and closes at six every day."
+
+    async def llm():
+        for word in opening.split():
+            sent.append(word + " ")
+            yield word + " "
+        # The rest of the reply is written only once the listener hears something.
+        await first_audio.wait()
+        for word in rest.split():
+            sent.append(word + " ")
+            yield word + " "
+
+    chunks: list[AudioChunk] = []
+
+    async def listen():
+        async for chunk in engine.stream(llm(), "alloy"):
+            if not chunks:
+                assert "closes" not in "".join(sent)
+                first_audio.set()
+            chunks.append(chunk)
+
+    await asyncio.wait_for(listen(), timeout=120)
+    assert len(chunks) >= 2
+    assert "".join(c.text for c in chunks) == "".join(sent)
+    assert all(c.rate == 22050 and c.pcm.dtype == np.float32 for c in chunks)
+    assert all(c.duration > 0.3 for c in chunks)
+
+
+async def test_streamed_chunks_carry_their_text_and_add_up_to_the_input(engine: TTSEngine):
+    async def deltas():
+        for i in range(0, len(PARAGRAPH), 7):  # arbitrary cuts, mid-word included
+            yield PARAGRAPH[i : i + 7]
+
+    chunks = [chunk async for chunk in engine.stream(deltas(), speed=1.5)]
+    assert "".join(c.text for c in chunks) == PARAGRAPH
+    assert len(chunks) >= 4
+    # Longer clauses make longer audio: the audio belongs to the text beside it.
+    by_words = sorted(chunks, key=lambda c: len(c.text.split()))
+    assert by_words[-1].duration > by_words[0].duration
+
+
+async def test_a_plain_string_streams_too(engine: TTSEngine):
+    chunks = [c async for c in engine.stream(PARAGRAPH)]
+    assert "".join(c.text for c in chunks) == PARAGRAPH and len(chunks) >= 4
+
+
+@pytest.fixture
+def synthesised(monkeypatch) -> list[str]:
+    """The clauses actually sent to Piper (the real synthesis still runs)."""
+    calls: list[str] = []
+    real = tts_module._speak
+
+    def counting(loaded, text, length_scale):
+        calls.append(text)
+        return real(loaded, text, length_scale)
+
+    monkeypatch.setattr(tts_module, "_speak", counting)
+    return calls
+
+
+async def _ten_sentences():
+    for i in range(10):
+        yield f"This is sentence number {i + 1} of a long answer. "
+
+
+async def test_closing_the_stream_stops_synthesis(engine: TTSEngine, synthesised: list[str]):
+    stream = engine.stream(_ten_sentences())
+    async with contextlib.aclosing(stream):
+        async for _chunk in stream:
+            break  # barge-in after the first clause
+    await asyncio.sleep(0.5)
+    assert len(synthesised) == 1
+
+
+async def test_cancelling_the_reader_mid_clause_stops_synthesis(
+    engine: TTSEngine, synthesised: list[str]
+):
+    got: list[AudioChunk] = []
+
+    async def reader():
+        async with contextlib.aclosing(engine.stream(_ten_sentences())) as stream:
+            async for chunk in stream:
+                got.append(chunk)
+
+    task = asyncio.create_task(reader())
+    while len(synthesised) < 2:  # the second clause is in Piper now
+        await asyncio.sleep(0.005)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.5)
+    assert len(synthesised) == 2
+    assert len(got) <= 2
+
+
+async def test_concurrent_streams_each_speak_their_own_text(engine: TTSEngine):
+    texts = [
+        "The first caller wants a table for two at eight tonight.",
+        "The second caller asks whether the museum is open on Sundays.",
+        "The third caller would like to cancel an order placed yesterday.",
+    ]
+
+    async def collect(text: str) -> list[AudioChunk]:
+        return [c async for c in engine.stream(text, "echo")]
+
+    results = await asyncio.gather(*(collect(t) for t in texts))
+    for text, chunks in zip(texts, results, strict=True):
+        assert "".join(c.text for c in chunks) == text
+        assert sum(c.duration for c in chunks) > 2.0
+
+
+async def test_whole_text_off_the_event_loop(engine: TTSEngine):
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
+    chunk = await engine.synthesize_async(PARAGRAPH, "nova", 1.0)
+    ticking.cancel()
+    assert chunk.text == PARAGRAPH and chunk.duration > 8
+    assert ticks > 5  # the loop kept running while Piper worked
