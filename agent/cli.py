@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text")
     p.add_argument("--voice", default=None, help="voice name (default: settings)")
     p.add_argument("--speed", type=float, default=1.0, help="0.25 to 4.0")
-    p.add_argument("--format", default="wav",
-                   help="wav, mp3, flac, opus, aac, pcm16, g711_ulaw, g711_alaw")
+    p.add_argument("--format", default=None,
+                   help="wav, mp3, flac, opus, aac, pcm16, g711_ulaw, g711_alaw "
+                        "(default: from the output's extension, else wav)")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.set_defaults(func=_cmd_say)
 

@@ -83,12 +83,12 @@ def _raw_format(path: Path) -> str | None:
 
 
 def _output_format_name(requested: str | None, output: Path) -> str:
-    """--format if given; when it is left at its default (wav), the output's extension
-    decides, so `parley say hi -o hi.mp3` writes an MP3 and not a WAV named .mp3."""
+    """--format if given; otherwise the output's extension decides (`-o hi.mp3` writes an
+    MP3), and wav when the extension names no format."""
     from agent.audio import output_format
 
-    if requested not in (None, "wav"):
-        return requested  # type: ignore[return-value]
+    if requested is not None:
+        return requested
     suffix = output.suffix.lstrip(".")
     if suffix:
         try:
