@@ -70,3 +70,14 @@ class ConfigError(ParleyError):
     """A setting is malformed. Raised at start-up, never during a request."""
 
     code = "invalid_config"
+
+
+def client_error(exc: BaseException) -> ParleyError | None:
+    """The ParleyError behind `exc`, looking inside task-group exception groups."""
+    if isinstance(exc, ParleyError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := client_error(inner)) is not None:
+                return found
+    return None

@@ -61,6 +61,10 @@ class Runtime:
                          engine.load_seconds)
         return self._schedulers[model]
 
+    def decoder_stats(self) -> dict[str, Any]:
+        """Per loaded LLM: sessions, streams waiting/prefilling/decoding, cache sizes."""
+        return {name: scheduler.stats() for name, scheduler in self._schedulers.items()}
+
     async def warm(self) -> None:
         await asyncio.gather(self.asr(), self.tts(), self.scheduler(self.settings.llm_model))
 

@@ -18,9 +18,12 @@ from starlette.routing import Route
 from agent import __version__
 from agent.assets import MODELS, resolve
 from agent.config import Settings
-from agent.errors import ModelMissingError, ParleyError
+from agent.errors import ModelMissingError, ParleyError, client_error
 from agent.front.auth import APIKeyMiddleware, with_api_keys
 from agent.front.chat import chat_completions
+from agent.front.openapi import openapi
+from agent.front.speech import create_speech
+from agent.front.transcriptions import create_transcription
 from agent.model_ids import listed_models
 from agent.runtime import Runtime
 from agent.state.store import Store
@@ -39,6 +42,7 @@ async def healthz(request: Request) -> JSONResponse:
         "version": __version__,
         "store": {"ok": store_ok, "embedded": store.embedded},
         "models": request.app.state.models,
+        "decoder": request.app.state.runtime.decoder_stats(),
     }
     return JSONResponse(body, status_code=200 if store_ok else 503)
 
@@ -57,6 +61,8 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def server_error(request: Request, exc: Exception) -> JSONResponse:
+    if (known := client_error(exc)) is not None:  # raised inside a task group
+        return JSONResponse(known.to_dict(), status_code=known.status)
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     body = {"error": {"message": "internal server error", "type": "server_error",
                       "param": None, "code": None}}
@@ -106,7 +112,10 @@ def create_app(settings: Settings) -> Starlette:
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/audio/speech", create_speech, methods=["POST"]),
+        Route("/v1/audio/transcriptions", create_transcription, methods=["POST"]),
     ]
     return Starlette(
         routes=routes,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,12 +21,13 @@ from agent.chat.response import (
     now,
     usage_block,
 )
-from agent.errors import ParleyError
+from agent.errors import ParleyError, client_error
 from agent.front.body import read_json
 from agent.front.validation import validate
 from agent.runtime import Runtime
 
 SCHEMA = "openai/chat_completion_request"
+log = logging.getLogger(__name__)
 
 
 async def chat_completions(request: Request) -> Response:
@@ -87,9 +89,13 @@ async def _sse(plan: Plan, audio_seconds: float, runtime: Runtime) -> AsyncItera
                 await _remember_audio(chat, [event], expires_at, runtime)
             for chunk in writer.chunks(event):
                 yield _event(chunk)
-    except ParleyError as exc:
+    except Exception as exc:
         # Headers are gone already: the error travels in the stream, as OpenAI's does.
-        yield _event(exc.to_dict())
+        known = client_error(exc)
+        if known is None:
+            log.exception("chat stream failed")
+            known = ParleyError("internal server error")
+        yield _event(known.to_dict())
         yield b"data: [DONE]\n\n"
         return
     if chat.include_usage and done:
