@@ -66,10 +66,11 @@ def document() -> dict[str, Any]:
             components[prefix + def_name] = _rewrite_refs(definition, prefix)
         components[title] = _rewrite_refs(spec, prefix)
         bodies[title] = {"$ref": f"#/components/schemas/{title}"}
+    fields = components.pop("TranscriptionFields")
     transcription_form = {
-        "allOf": [bodies["TranscriptionFields"]],
-        "type": "object", "required": ["file", "model"],
-        "properties": {"file": {"type": "string", "format": "binary"}},
+        "type": "object", "required": ["file", *fields["required"]],
+        "properties": {"file": {"type": "string", "format": "binary"},
+                       **fields["properties"]},
     }
     json_ok = {"description": "OK", "content": {"application/json": {"schema": {}}}}
     return {
