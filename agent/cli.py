@@ -74,6 +74,10 @@ def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         from agent.bench.speech import bench_speech
 
         return bench_speech(settings, args)
+    if args.what == "chat":
+        from agent.bench.chat import bench_chat
+
+        return bench_chat(settings, args)
     from agent.bench.decoder import bench_decoder
 
     return bench_decoder(settings, args)
@@ -123,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("bench", help="benchmarks whose tables go in the README")
-    p.add_argument("what", choices=["speech", "decoder"])
+    p.add_argument("what", choices=["speech", "decoder", "chat"])
     p.add_argument("--model", help="decoder: model name or .gguf path")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.set_defaults(func=_cmd_bench)
