@@ -48,6 +48,9 @@ class Settings:
     llm_backend: str = "auto"           # auto | cpu | triton | reference | fp32
     llm_streams: int = 8                # concurrent decode streams (KV-cache slots)
     max_output_tokens: int = 512        # default cap on a reply when a request names none
+    # Used when a request names no temperature. OpenAI's default is 1.0; small local models
+    # wander at 1.0, so Parley's default is lower.
+    default_temperature: float = 0.7
     warm_start: bool = True             # load every engine at start-up, not on first use
     asr_model: str = "whisper-base"     # whisper-base | a folder with a CTranslate2 model
     asr_device: str = "auto"            # auto | cpu | cuda
