@@ -117,3 +117,12 @@ def test_transcription_errors(server, spoken):
         openai.OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0) \
             .audio.transcriptions.create(model="whisper-1", file=("q.wav", spoken),
                                          timestamp_granularities=["word"])
+
+
+def test_transcription_prompt_teaches_spellings(client, speak):
+    audio = speak("Please call Siobhan Ngata about the Kealoha account.")
+    plain = client.audio.transcriptions.create(model="whisper-1", file=("n.wav", audio))
+    hinted = client.audio.transcriptions.create(model="whisper-1", file=("n.wav", audio),
+                                                prompt="Siobhan Ngata, Kealoha")
+    assert "Kealoha" in hinted.text and "Siobhan" in hinted.text
+    assert hinted.text != plain.text
