@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import base64
 import datetime
-import io
 import json
 import os
 import socket
@@ -20,11 +19,9 @@ import statistics
 import subprocess
 import sys
 import time
-import wave
 from pathlib import Path
 
-import numpy as np
-
+from agent.audio import encode_audio
 from agent.bench.speech import _machine
 from agent.config import Settings
 
@@ -62,13 +59,7 @@ def _question_wav(settings: Settings) -> bytes:
     tts = TTSEngine(settings)
     pcm, rate = tts.synthesize(QUESTION)
     tts.close()
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
+    return encode_audio(pcm, rate, "wav")
 
 
 def _body(wav: bytes) -> dict:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 import subprocess
 import sys
 import time
-import wave
 from pathlib import Path
 
 import httpx
-import numpy as np
 import openai
 import pytest
 
@@ -73,20 +70,14 @@ def async_client(server) -> openai.AsyncOpenAI:
 @pytest.fixture(scope="session")
 def speak():
     """Text → 16-bit mono WAV bytes at 22,050 Hz, spoken by the bundled Piper voice."""
+    from agent.audio import encode_audio
     from agent.config import load_settings
     from agent.speech.tts import TTSEngine
 
     tts = TTSEngine(load_settings())
 
     def wav_of(text: str) -> bytes:
-        pcm, rate = tts.synthesize(text)
-        buf = io.BytesIO()
-        with wave.open(buf, "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(rate)
-            w.writeframes((np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes())
-        return buf.getvalue()
+        return encode_audio(*tts.synthesize(text), "wav")
 
     yield wav_of
     tts.close()
