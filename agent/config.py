@@ -146,6 +146,8 @@ def load_settings(
             table = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        # [tools] belongs to the tool dispatcher, which reads it itself (agent.dispatch.config).
+        table.pop("tools", None)
         for name, raw in _flatten(table).items():
             if name not in fields:
                 raise ConfigError(f"unknown setting {name!r} in {path}")
