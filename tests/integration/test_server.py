@@ -18,7 +18,7 @@ def server(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ)
+    env = dict(os.environ, PARLEY_API_KEYS="sk-integration")
     proc = subprocess.Popen([str(PARLEY), "serve", "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -45,11 +45,32 @@ def test_healthz_reports_store_and_models(server):
 
 
 def test_unknown_route_is_an_openai_error(server):
-    r = httpx.get(server + "/v1/nothing-here")
+    r = httpx.get(server + "/v1/nothing-here", headers={"Authorization": "Bearer sk-integration"})
     assert r.status_code == 404
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert err["type"] == "invalid_request_error"
+
+
+def test_every_api_route_needs_the_key(server):
+    for path in ("/v1/models", "/v1/nothing-here"):
+        r = httpx.get(server + path)
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server + "/healthz").status_code == 200
+
+
+def test_a_key_is_made_when_none_is_configured(tmp_path):
+    from agent.config import load_settings
+    from agent.front.auth import with_api_keys
+
+    first = with_api_keys(load_settings(environ={}, cache_dir=str(tmp_path)))
+    again = with_api_keys(load_settings(environ={}, cache_dir=str(tmp_path)))
+    assert first.api_keys == again.api_keys and first.api_keys[0].startswith("sk-parley-")
+    assert (tmp_path / "api_key").stat().st_mode & 0o777 == 0o600
+    open_server = with_api_keys(load_settings(environ={"PARLEY_AUTH_DISABLED": "1"},
+                                              cache_dir=str(tmp_path / "other")))
+    assert open_server.api_keys == ()
 
 
 def test_serve_refuses_to_start_without_a_model(tmp_path):
