@@ -1,0 +1,169 @@
+"""Load a language model by name or path: GGUF -> tokenizer + model with NF4 kernels.
+
+    engine = load_engine("smollm2", settings=settings, backend="auto")
+
+`backend` is explicit, never guessed from a file name:
+    "auto"       the kernel registry's choice (Triton on CUDA, the fast CPU path otherwise)
+    "cpu" | "triton" | "reference"   NF4 linears on that kernel backend
+    "fp32"       no quantisation: the dequantised GGUF weights in nn.Linear (ground truth)
+
+The NF4 weights are cached in the model cache (quantize.py keys the file by the GGUF's
+sha256); with a cache present the GGUF's linear matrices are not even dequantised.
+
+Prompt fitting lives here too: when a conversation outgrows the context, the system
+message stays and the oldest turns go, at message level, before tokenising.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent import assets
+from agent.config import Settings, load_settings
+from agent.decoder.gguf_loader import load_gguf, read_header
+from agent.decoder.model import ModelArgs, Transformer, build_model, is_linear_tensor
+from agent.decoder.tokenizer import Tokenizer
+from agent.errors import ConfigError, InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+BACKEND_CHOICES = ("auto", "cpu", "triton", "reference", "fp32")
+
+
+@dataclass
+class Engine:
+    """A loaded model: what the scheduler and the benchmark need."""
+
+    name: str
+    path: Path
+    args: ModelArgs
+    model: Transformer
+    tokenizer: Tokenizer
+    backend: str  # "fp32" or the kernel backend actually in use
+    load_seconds: float
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        a = self.args
+        return 2 * a.n_layer * a.n_kv_head * a.head_dim * 4  # float32 k and v
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights held in memory (NF4 linears + float embedding and norms)."""
+        try:
+            from agent.decoder.quantize import weight_bytes
+        except ImportError:
+            from agent.decoder.model import parameter_bytes
+
+            return parameter_bytes(self.model)
+        return weight_bytes(self.model)["total"]
+
+    def encode_prompt(self, text: str, *, raw: bool = False,
+                      system: str | None = None) -> list[int]:
+        """Ids of a one-shot prompt: through the chat template unless `raw`."""
+        if raw or not self.tokenizer.has_chat_template:
+            return self.tokenizer.encode(text, special=False)
+        messages = ([{"role": "system", "content": system}] if system else [])
+        return self.tokenizer.encode_chat([*messages, {"role": "user", "content": text}])
+
+    def fit_messages(self, messages: Sequence[dict[str, Any]], budget: int, *,
+                     tools: Sequence[dict[str, Any]] | None = None) -> tuple[list[int], int]:
+        """Prompt ids of `messages` in at most `budget` tokens, and how many messages went.
+
+        Keeps a leading system message, then drops whole turns (a user message and what
+        follows it up to the next user message) from the oldest, re-rendering each time.
+        Raises InvalidRequestError when even the last turn alone does not fit.
+        """
+        ids = self.tokenizer.encode_chat(messages, tools=tools)
+        if len(ids) <= budget:
+            return ids, 0
+        head = list(messages[:1]) if messages and messages[0].get("role") == "system" else []
+        turns = _turns(messages[len(head):])
+        dropped = 0
+        while len(turns) > 1:
+            dropped += len(turns.pop(0))
+            ids = self.tokenizer.encode_chat([*head, *[m for t in turns for m in t]],
+                                             tools=tools)
+            if len(ids) <= budget:
+                log.info("context: dropped the %d oldest messages to fit %d tokens",
+                         dropped, budget)
+                return ids, dropped
+        raise InvalidRequestError(
+            f"the last message needs {len(ids)} tokens, more than the {budget} the "
+            f"context leaves", param="messages", code="context_length_exceeded")
+
+
+def _turns(messages: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Messages grouped into turns, each starting at a user message."""
+    turns: list[list[dict[str, Any]]] = []
+    for m in messages:
+        if m.get("role") == "user" or not turns:
+            turns.append([m])
+        else:
+            turns[-1].append(m)
+    return turns
+
+
+def resolve_model_path(model: str | Path, settings: Settings) -> tuple[str, Path]:
+    """(display name, GGUF path) for a bundled model name or a .gguf path."""
+    name = str(model)
+    if name in assets.MODELS:
+        if assets.MODELS[name].role != "llm":
+            raise ConfigError(f"{name!r} is not a language model")
+        return name, assets.resolve(name, settings.cache_dir)
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path.stem, path
+    llms = ", ".join(n for n, s in assets.MODELS.items() if s.role == "llm")
+    raise ConfigError(f"no language model {name!r}: use one of {llms} or a .gguf file path")
+
+
+def _quantise(model: Transformer, backend: str, settings: Settings, gguf: Path,
+              progress: bool) -> str:
+    from agent.decoder.kernels import auto_backend_name, get_backend
+    from agent.decoder.quantize import nf4_cache_path, quantize_model
+
+    name = auto_backend_name() if backend == "auto" else backend
+    kernel = get_backend(name, Path(settings.cache_dir))
+    quantize_model(model, kernel, nf4_cache_path(Path(settings.cache_dir), gguf),
+                   progress=progress)
+    return name
+
+
+def _nf4_cached(settings: Settings, gguf: Path) -> bool:
+    try:
+        from agent.decoder.quantize import nf4_cache_path
+    except ImportError:
+        return False
+    return nf4_cache_path(Path(settings.cache_dir), gguf).is_file()
+
+
+def load_engine(model: str | Path | None = None, *, settings: Settings | None = None,
+                backend: str = "auto", progress: bool = True) -> Engine:
+    """Read the GGUF, build the tokenizer and the model, put NF4 kernels in (unless fp32)."""
+    settings = settings or load_settings()
+    if backend not in BACKEND_CHOICES:
+        raise ConfigError(f"unknown backend {backend!r}; choose {', '.join(BACKEND_CHOICES)}")
+    began = time.perf_counter()
+    name, path = resolve_model_path(model or settings.llm_model, settings)
+    meta, infos = read_header(path)
+    args = ModelArgs.from_gguf(meta, {i.name for i in infos})
+    tokenizer = Tokenizer.from_metadata(meta)
+    skip = is_linear_tensor if backend != "fp32" and _nf4_cached(settings, path) else None
+    net = build_model(args, load_gguf(path, skip=skip).tensors)
+    used = "fp32"
+    if backend != "fp32":
+        try:
+            used = _quantise(net, backend, settings, path, progress)
+        except ConfigError:
+            if skip is None:
+                raise
+            # A stale or foreign NF4 cache: quantise afresh from the full weights.
+            net = build_model(args, load_gguf(path).tensors)
+            used = _quantise(net, backend, settings, path, progress)
+    return Engine(name=name, path=path, args=args, model=net, tokenizer=tokenizer,
+                  backend=used, load_seconds=time.perf_counter() - began)

@@ -1,0 +1,89 @@
+"""NF4 matmul kernels behind one narrow interface.
+
+A backend turns activations x [..., K] and an `NF4Weight` W [N, K] into x @ W.T (+ bias):
+
+    backend.linear(x, w)  -> [..., N]
+    backend.swiglu(x, w)  -> [..., N // 2]   w holds [gate; up] rows: silu(x@Wg.T) * (x@Wu.T)
+    backend.bind(w, swiglu=False) -> callable x -> y   the same, with per-call work hoisted
+    backend.prepare(w)    -> w on the backend's device, in the form its kernels read
+
+Backends, by name:
+    "reference"  dequantise, then a float32 matmul in PyTorch: the ground truth for tests.
+    "cpu"        a C++ extension (AVX2/FMA/F16C, int8 dot products, fused dequantisation),
+                 compiled once into the model cache; plain PyTorch when it cannot be built.
+    "triton"     Triton kernels for CUDA: a dequant-fused GEMV (1-16 rows), a GEMM above.
+    "auto"       "triton" when CUDA and Triton are present, otherwise "cpu".
+
+Outputs have x's dtype; every backend accumulates in float32.
+
+Optional extras a backend may offer (quantize.py and the benchmark look for them):
+    rms_norm_kernel() -> callable (x, weight, eps) -> y, or None   a one-call RMSNorm
+    set_threads(n) -> int   the kernels' own thread count, fixed before their first use
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from torch import Tensor
+
+from agent.decoder.nf4 import NF4Weight
+from agent.errors import ConfigError
+
+BACKENDS = ("reference", "cpu", "triton")
+
+
+class Backend(Protocol):
+    name: str
+
+    def prepare(self, w: NF4Weight) -> NF4Weight: ...
+
+    def linear(self, x: Tensor, w: NF4Weight) -> Tensor: ...
+
+    def swiglu(self, x: Tensor, w: NF4Weight) -> Tensor: ...
+
+    def bind(self, w: NF4Weight, swiglu: bool = False) -> Callable[[Tensor], Tensor]: ...
+
+
+_loaded: dict[str, Backend] = {}
+
+
+def auto_backend_name() -> str:
+    """The backend "auto" stands for on this machine."""
+    import torch
+
+    if torch.cuda.is_available():
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "cpu"
+        return "triton"
+    return "cpu"
+
+
+def get_backend(name: str = "auto", cache_dir: Path | None = None) -> Backend:
+    """The backend called `name` (one instance per process)."""
+    if name == "auto":
+        name = auto_backend_name()
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown kernel backend {name!r}; choose one of "
+                          f"{', '.join(BACKENDS)} or auto")
+    if name in _loaded:
+        return _loaded[name]
+    backend: Backend
+    if name == "reference":
+        from agent.decoder.kernels.reference import ReferenceBackend
+
+        backend = ReferenceBackend()
+    elif name == "cpu":
+        from agent.decoder.kernels.cpu import CpuBackend
+
+        backend = CpuBackend(cache_dir)
+    else:
+        from agent.decoder.kernels.triton_nf4 import TritonBackend
+
+        backend = TritonBackend()
+    _loaded[name] = backend
+    return backend

@@ -1,0 +1,355 @@
+// NF4 linear layers for x86 CPUs: fused dequantisation and int8 dot products.
+//
+// Weights stay in the NF4 format of agent/decoder/nf4.py (64-weight blocks, 32 bytes of
+// split-half nibbles, one float16 scale per block). Per call:
+//   1. each activation row is quantised to int8 per 64-block (scale = absmax / 127);
+//   2. for a weight block, one AND and one shift give 64 ordered 4-bit codes and PSHUFB
+//      maps them through a 16-entry table to round(63 * codebook) + 64, an unsigned byte
+//      in [1, 127] (7-bit codebook, offset so PMADDUBSW can take it as its unsigned side);
+//   3. PMADDUBSW/PMADDWD give the int32 dot product of the block, and the offset is taken
+//      back out with the activation's block sum (64 * sum(xq)), still in integers;
+//   4. the block result is scaled by weight scale * activation scale in one FMA.
+// A decoded weight block is reused for up to MR activation rows while it sits in
+// registers, so batched decode reads every weight byte once per step.
+//
+// Products never saturate: |xq| <= 127 and the weight byte <= 127 keep each PMADDUBSW
+// pair below 2 * 127 * 127 = 32258 < 32767.
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "thread_pool.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define NF4_SIMD 1
+#else
+#define NF4_SIMD 0
+#endif
+
+namespace {
+
+// The kernels' own threads (the caller plus helpers), independent of torch's intra-op
+// pool: set once by `set_threads` before the first kernel runs, else torch's thread count.
+std::atomic<int> g_threads{0};
+
+nf4::ThreadPool& pool() {
+  static nf4::ThreadPool* instance = [] {
+    const int wanted = g_threads.load() > 0 ? g_threads.load() : at::get_num_threads();
+    return new nf4::ThreadPool(std::max(0, wanted - 1));
+  }();
+  return *instance;
+}
+
+constexpr int kBlock = 64;
+constexpr int kBlockBytes = 32;
+constexpr int kMaxRows = 4;  // activation rows sharing one decoded weight block
+
+const float kCodebook[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+// round(63 * codebook) + 64: the weight byte the dot products use.
+struct Lut {
+  alignas(16) uint8_t bytes[16];
+  Lut() {
+    for (int i = 0; i < 16; ++i) bytes[i] = uint8_t(std::lrint(63.0f * kCodebook[i]) + 64);
+  }
+};
+const Lut kLut;
+
+// Activations quantised per row and 64-block.
+struct QuantRows {
+  std::vector<int8_t> q;      // [M, Kp]
+  std::vector<float> scale;   // [M, B]  absmax / 127 / 63 (the 1/63 undoes the weight table)
+  std::vector<int32_t> corr;  // [M, B]  8 * sum(q): the table's +64, spread over 8 lanes
+};
+
+void quantise_rows(const float* x, int64_t m, int64_t k, int64_t kp, QuantRows& out) {
+  const int64_t nb = kp / kBlock;
+  // Every element is written below except the zero padding past k.
+  out.q.resize(m * kp);
+  out.scale.resize(m * nb);
+  out.corr.resize(m * nb);
+  constexpr int64_t kRowsPerChunk = 16;
+  pool().run((m + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t chunk) {
+    const int64_t end = std::min(m, (chunk + 1) * kRowsPerChunk);
+    for (int64_t r = chunk * kRowsPerChunk; r < end; ++r) {
+      const float* xr = x + r * k;
+      int8_t* qr = out.q.data() + r * kp;
+      std::fill(qr + k, qr + kp, int8_t(0));
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t k0 = b * kBlock;
+        const int64_t k1 = std::min(k, k0 + kBlock);
+        float amax = 0.0f;
+        for (int64_t i = k0; i < k1; ++i) amax = std::max(amax, std::fabs(xr[i]));
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int32_t sum = 0;
+        for (int64_t i = k0; i < k1; ++i) {
+          const int32_t v = int32_t(std::nearbyint(xr[i] * inv));
+          qr[i] = int8_t(v);
+          sum += v;
+        }
+        out.scale[r * nb + b] = amax / 127.0f / 63.0f;
+        out.corr[r * nb + b] = 8 * sum;
+      }
+    }
+  });
+}
+
+inline float half_to_float(uint16_t h) {
+#if NF4_SIMD
+  return _cvtsh_ss(h);
+#else
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
+}
+
+constexpr int kMaxBlocks = 256;  // K up to 16384
+
+#if NF4_SIMD
+inline float hsum(__m256 v8) {
+  __m128 v = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  v = _mm_add_ss(v, _mm_movehdup_ps(v));
+  return _mm_cvtss_f32(v);
+}
+#endif
+
+// Dot products of one weight row with MR activation rows starting at r0.
+template <int MR>
+inline void row_dots(const uint8_t* w, const float* wscale, const QuantRows& xq, int64_t r0,
+                     int64_t kp, float* out) {
+  const int64_t nb = kp / kBlock;
+  // Per-block factor weight scale * activation scale, one table per row.
+  alignas(32) float d[MR][kMaxBlocks];
+  for (int r = 0; r < MR; ++r) {
+    const float* xs = xq.scale.data() + (r0 + r) * nb;
+    for (int64_t b = 0; b < nb; ++b) d[r][b] = wscale[b] * xs[b];
+  }
+#if NF4_SIMD
+  const __m256i lut = _mm256_broadcastsi128_si256(
+      _mm_load_si128(reinterpret_cast<const __m128i*>(kLut.bytes)));
+  const __m256i low_mask = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* xrow = xq.q.data() + r0 * kp;
+  const int32_t* corr = xq.corr.data() + r0 * nb;
+  // Named accumulators (not an array) so the compiler keeps them in registers.
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  auto step = [&](__m256 acc, int r, int64_t b, __m256i lo, __m256i hi)
+      __attribute__((always_inline)) {
+    const int8_t* xb = xrow + r * kp + b * kBlock;
+    const __m256i p0 =
+        _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb)));
+    const __m256i p1 =
+        _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32)));
+    __m256i s = _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
+    s = _mm256_sub_epi32(s, _mm256_set1_epi32(corr[r * nb + b]));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ss(&d[r][b]), acc);
+  };
+  for (int64_t b = 0; b < nb; ++b) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + b * 32 + 512), _MM_HINT_T0);
+    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 32));
+    const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(packed, low_mask));
+    const __m256i hi =
+        _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask));
+    acc0 = step(acc0, 0, b, lo, hi);
+    if constexpr (MR > 1) acc1 = step(acc1, 1, b, lo, hi);
+    if constexpr (MR > 2) acc2 = step(acc2, 2, b, lo, hi);
+    if constexpr (MR > 3) acc3 = step(acc3, 3, b, lo, hi);
+  }
+  const __m256 accs[4] = {acc0, acc1, acc2, acc3};
+  for (int r = 0; r < MR; ++r) out[r] = hsum(accs[r]);
+#else
+  for (int r = 0; r < MR; ++r) {
+    const int8_t* xr = xq.q.data() + (r0 + r) * kp;
+    const int32_t* corr = xq.corr.data() + (r0 + r) * nb;
+    float total = 0.0f;
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t dot = -8 * corr[b];
+      for (int j = 0; j < kBlockBytes; ++j) {
+        const uint8_t byte = w[b * kBlockBytes + j];
+        dot += int32_t(kLut.bytes[byte & 0x0F]) * xr[b * kBlock + j];
+        dot += int32_t(kLut.bytes[byte >> 4]) * xr[b * kBlock + j + 32];
+      }
+      total += float(dot) * d[r][b];
+    }
+    out[r] = total;
+  }
+#endif
+}
+
+using RowKernel = void (*)(const uint8_t*, const float*, const QuantRows&, int64_t, int64_t,
+                           float*);
+const RowKernel kRowKernels[kMaxRows + 1] = {nullptr, row_dots<1>, row_dots<2>, row_dots<3>,
+                                             row_dots<4>};
+
+void convert_scales(const at::Half* src, int64_t nb, float* dst) {
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(src);
+  int64_t b = 0;
+#if NF4_SIMD
+  for (; b + 8 <= nb; b += 8) {
+    _mm256_storeu_ps(dst + b,
+                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + b))));
+  }
+#endif
+  for (; b < nb; ++b) dst[b] = half_to_float(h[b]);
+}
+
+// Epilogue applied to the raw dot products of output column n (and its partner row for
+// fused gate/up pairs).
+enum class Epilogue { kNone, kSwiGLU };
+
+// Runs the weight rows [n_begin, n_end) against every activation row.
+// kNone:   out[m, n] = dot(x[m], W[n]) + bias[n]
+// kSwiGLU: out[m, n] = silu(dot(x[m], W[n]) + b[n]) * (dot(x[m], W[n + F]) + b[n + F])
+void run_rows(const uint8_t* qweight, const at::Half* scales, const float* bias,
+              const QuantRows& xq, int64_t m, int64_t kp, int64_t n_begin, int64_t n_end,
+              int64_t out_stride, int64_t partner, Epilogue epilogue, float* out) {
+  const int64_t nb = kp / kBlock;
+  const int64_t row_bytes = kp / 2;
+  std::vector<float> sc(nb), sc2(nb);
+  float dots[kMaxRows], dots2[kMaxRows];
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    convert_scales(scales + n * nb, nb, sc.data());
+    if (epilogue == Epilogue::kSwiGLU) convert_scales(scales + (n + partner) * nb, nb, sc2.data());
+    for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
+      const int rows = int(std::min<int64_t>(kMaxRows, m - r0));
+      kRowKernels[rows](qweight + n * row_bytes, sc.data(), xq, r0, kp, dots);
+      if (epilogue == Epilogue::kNone) {
+        const float bn = bias ? bias[n] : 0.0f;
+        for (int r = 0; r < rows; ++r) out[(r0 + r) * out_stride + n] = dots[r] + bn;
+        continue;
+      }
+      kRowKernels[rows](qweight + (n + partner) * row_bytes, sc2.data(), xq, r0, kp, dots2);
+      const float bg = bias ? bias[n] : 0.0f;
+      const float bu = bias ? bias[n + partner] : 0.0f;
+      for (int r = 0; r < rows; ++r) {
+        const float g = dots[r] + bg;
+        out[(r0 + r) * out_stride + n] = g / (1.0f + std::exp(-g)) * (dots2[r] + bu);
+      }
+    }
+  }
+}
+
+at::Tensor nf4_forward(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& bias, int64_t out_features,
+                       bool swiglu) {
+  TORCH_CHECK(qweight.dtype() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
+              "qweight must be contiguous uint8 [N, Kp/2]");
+  TORCH_CHECK(scales.dtype() == at::kHalf && scales.is_contiguous(),
+              "scales must be contiguous float16 [N, Kp/64]");
+  const int64_t n_rows = qweight.size(0);
+  const int64_t kp = qweight.size(1) * 2;
+  const int64_t k = x.size(-1);
+  TORCH_CHECK(k <= kp && kp - k < kBlock, "input features ", k, " do not match weight ", kp);
+  TORCH_CHECK(kp / kBlock <= kMaxBlocks, "in_features above ", kMaxBlocks * kBlock);
+  TORCH_CHECK(scales.numel() == n_rows * (kp / kBlock), "scales do not match qweight");
+  const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
+  const int64_t m = x2.size(0);
+  const int64_t n_out = swiglu ? n_rows / 2 : n_rows;
+  TORCH_CHECK(n_out == out_features, "out_features mismatch");
+  const float* bias_ptr = nullptr;
+  at::Tensor bias_f;
+  if (bias.has_value() && bias->defined()) {
+    bias_f = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias_f.numel() == n_rows, "bias must have one value per weight row");
+    bias_ptr = bias_f.data_ptr<float>();
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n_out;
+  at::Tensor out = at::empty({m, n_out}, x2.options());
+  if (m == 0) return out.reshape(out_shape).to(x.scalar_type());
+
+  // Reused per calling thread (no allocation once warm). The lambdas below must see this
+  // thread's buffers, not their own thread_local copies, hence the plain reference.
+  thread_local QuantRows buffers;
+  QuantRows& xq = buffers;
+  quantise_rows(x2.data_ptr<float>(), m, k, kp, xq);
+  const uint8_t* qw = qweight.data_ptr<uint8_t>();
+  const at::Half* sc = scales.data_ptr<at::Half>();
+  float* o = out.data_ptr<float>();
+  // Chunks of at most 2^16 multiply-adds and at least eight per call: small enough that
+  // the threads finish together and a late helper costs little, large enough that
+  // claiming one (an atomic on a shared cache line) is noise.
+  const int64_t per_row = kp * m * (swiglu ? 2 : 1);
+  const int64_t rows = std::clamp<int64_t>(
+      std::min<int64_t>((int64_t(1) << 16) / per_row, (n_out + 7) / 8), 4, 512);
+  const Epilogue ep = swiglu ? Epilogue::kSwiGLU : Epilogue::kNone;
+  pool().run((n_out + rows - 1) / rows, [&](int64_t chunk) {
+    const int64_t begin = chunk * rows;
+    run_rows(qw, sc, bias_ptr, xq, m, kp, begin, std::min(n_out, begin + rows), n_out, n_out,
+             ep, o);
+  });
+  out = out.reshape(out_shape);
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+// Arguments put the weight first so Python can bind them once (functools.partial).
+at::Tensor nf4_linear(const at::Tensor& qweight, const at::Tensor& scales,
+                      const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
+  return nf4_forward(x, qweight, scales, bias, qweight.size(0), false);
+}
+
+at::Tensor nf4_swiglu(const at::Tensor& qweight, const at::Tensor& scales,
+                      const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
+  TORCH_CHECK(qweight.size(0) % 2 == 0, "fused gate/up weight needs an even row count");
+  return nf4_forward(x, qweight, scales, bias, qweight.size(0) / 2, true);
+}
+
+// y = x / rms(x) * weight over the last dimension (float32 math, output in x's dtype).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t d = x.size(-1);
+  TORCH_CHECK(weight.numel() == d, "norm weight has ", weight.numel(), " values for ", d);
+  const at::Tensor x2 = x.reshape({-1, d}).to(at::kFloat).contiguous();
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty_like(x2);
+  const int64_t m = x2.size(0);
+  const float* xp = x2.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  constexpr int64_t kRowsPerChunk = 32;
+  pool().run((m + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t chunk) {
+    const int64_t end = std::min(m, (chunk + 1) * kRowsPerChunk);
+    for (int64_t r = chunk * kRowsPerChunk; r < end; ++r) {
+      const float* xr = xp + r * d;
+      double ss = 0.0;
+      for (int64_t i = 0; i < d; ++i) ss += double(xr[i]) * xr[i];
+      const float inv = float(1.0 / std::sqrt(ss / double(d) + eps));
+      for (int64_t i = 0; i < d; ++i) op[r * d + i] = xr[i] * inv * wp[i];
+    }
+  });
+  out = out.reshape(x.sizes());
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+bool simd_enabled() { return NF4_SIMD == 1; }
+
+int threads() { return pool().size(); }
+
+// Returns the thread count in effect: `n` unless the pool already runs with another one.
+int set_threads(int n) {
+  TORCH_CHECK(n >= 1, "thread count must be at least 1");
+  g_threads.store(n);
+  return pool().size();
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The GIL is released while a kernel runs: the event loop keeps serving meanwhile.
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("linear", &nf4_linear, release(), "y = x @ dequant(W).T + bias (int8 activations)");
+  m.def("swiglu", &nf4_swiglu, release(),
+        "silu(x @ Wg.T + bg) * (x @ Wu.T + bu), W = [Wg; Wu]");
+  m.def("rms_norm", &rms_norm, release(), "x / rms(x) * weight over the last dimension");
+  m.def("simd_enabled", &simd_enabled, "whether the AVX2/FMA/F16C path was compiled");
+  m.def("threads", &threads, "threads the kernels use (the caller plus helpers)");
+  m.def("set_threads", &set_threads, "fix the kernels' thread count (before first use)");
+}

@@ -1,0 +1,45 @@
+"""The reference backend: dequantise the NF4 weight, then a float32 matmul.
+
+Slow on purpose (it dequantises on every call); every other backend is tested against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from agent.decoder.nf4 import NF4Weight, dequantise
+
+
+def reference_linear(x: Tensor, w: NF4Weight) -> Tensor:
+    weight = dequantise(w, torch.float32).to(x.device)  # [N, K]
+    y = x.to(torch.float32) @ weight.T  # [..., N]
+    if w.bias is not None:
+        y = y + w.bias.to(device=x.device, dtype=torch.float32)
+    return y.to(x.dtype)
+
+
+def reference_swiglu(x: Tensor, w: NF4Weight) -> Tensor:
+    gate, up = reference_linear(x.to(torch.float32), w).chunk(2, dim=-1)  # [..., F] each
+    return (F.silu(gate) * up).to(x.dtype)
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def prepare(self, w: NF4Weight) -> NF4Weight:
+        return w
+
+    def linear(self, x: Tensor, w: NF4Weight) -> Tensor:
+        return reference_linear(x, w)
+
+    def swiglu(self, x: Tensor, w: NF4Weight) -> Tensor:
+        return reference_swiglu(x, w)
+
+    def bind(self, w: NF4Weight, swiglu: bool = False) -> Callable[[Tensor], Tensor]:
+        fn = reference_swiglu if swiglu else reference_linear
+        return lambda x: fn(x, w)
+

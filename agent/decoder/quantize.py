@@ -1,0 +1,224 @@
+"""Swap a built model's linears for NF4 ones, from outside the model (gpt-fast style).
+
+`quantize_model(model, backend)` replaces every `nn.Linear` (fused wqkv / w13 included,
+and the output head) with an `NF4Linear` that calls the chosen kernel backend. Modules
+holding a fused gate/up `w13` and a `w2` become `NF4FeedForward`, which asks the backend
+for silu(gate) * up in the same call as the matmul (one dispatch instead of four), and
+RMSNorm modules become `KernelRMSNorm` where the backend has a one-call norm (the CPU
+extension). The maths is the model's own in every case.
+
+The embedding table is not quantised: a decode step reads one row of it, so it costs no
+bandwidth. The output head IS quantised even when tied to the embedding: with SmolLM2's
+49152 x 576 vocabulary it is the largest matrix a decode step reads (a fifth of the bytes).
+
+Quantised weights are cached on disk (`nf4_cache_path`, keyed by the GGUF's sha256 and
+the NF4 format version); a second start loads them memory-mapped in well under a second,
+and the linears' float weights may then stay on the meta device (never dequantised).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from agent.decoder import nf4
+from agent.decoder.kernels import Backend, get_backend
+from agent.decoder.nf4 import NF4Weight
+from agent.errors import ConfigError
+from agent.progress import step_bar
+
+
+class NF4Linear(nn.Module):
+    """y = x @ W.T (+ b) with W in NF4; the backend's kernel does the work."""
+
+    def __init__(self, weight: NF4Weight, backend: Backend):
+        super().__init__()
+        weight = backend.prepare(weight)
+        self.out_features, self.in_features = weight.shape
+        self.backend = backend
+        # Buffers, so parameter counts and `.to()`-style walks see the quantised bytes.
+        self.register_buffer("qweight", weight.qweight)
+        self.register_buffer("scales", weight.scales)
+        self.register_buffer("bias", weight.bias)
+        self.weight_nf4 = weight
+        self._linear = backend.bind(weight)
+        self._swiglu: Callable[[Tensor], Tensor] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._linear(x)
+
+    def swiglu(self, x: Tensor) -> Tensor:
+        """silu(x @ Wg.T) * (x @ Wu.T) for a fused [gate; up] weight: [..., N // 2]."""
+        if self._swiglu is None:
+            self._swiglu = self.backend.bind(self.weight_nf4, swiglu=True)
+        return self._swiglu(x)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, backend={self.backend.name}")
+
+
+class NF4FeedForward(nn.Module):
+    """w2(silu(gate) * up) with w13 = [gate; up]: the SwiGLU runs inside the w13 kernel."""
+
+    def __init__(self, w13: NF4Linear, w2: NF4Linear):
+        super().__init__()
+        self.w13 = w13
+        self.w2 = w2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.w13.swiglu(x))
+
+
+class KernelRMSNorm(nn.Module):
+    """RMSNorm computed by one backend call (same maths as model.RMSNorm, float32)."""
+
+    def __init__(self, weight: Tensor, eps: float,
+                 kernel: Callable[[Tensor, Tensor, float], Tensor]):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.eps = eps
+        self._kernel = kernel
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._kernel(x, self.weight, self.eps)
+
+
+def gguf_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def nf4_cache_path(cache_dir: Path, gguf_path: Path, double_quant: bool = False,
+                   scale_search: bool = True) -> Path:
+    """Where the NF4 weights of a GGUF file live: keyed by its sha256 and the format."""
+    sha = gguf_sha256(gguf_path)[:16]
+    suffix = ("-dq" if double_quant else "") + ("-ss" if scale_search else "")
+    return (Path(cache_dir) / "nf4"
+            / f"{gguf_path.stem}-{sha}-nf4v{nf4.FORMAT_VERSION}{suffix}.pt")
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of every nn.Linear in the model, in module order."""
+    return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+
+
+def quantise_linears(model: nn.Module, names: list[str], double_quant: bool = False,
+                     scale_search: bool = True, progress: bool = True,
+                     ) -> dict[str, NF4Weight]:
+    """NF4 weights for the named linears (float weights must be materialised)."""
+    tick = step_bar(len(names), "NF4 quantisation") if progress else None
+    out: dict[str, NF4Weight] = {}
+    for name in names:
+        linear = model.get_submodule(name)
+        assert isinstance(linear, nn.Linear)
+        if linear.weight.device.type == "meta":
+            raise ConfigError(f"{name} has no weights to quantise (meta) and no NF4 cache")
+        bias = linear.bias if linear.bias is not None else None
+        out[name] = nf4.quantise(linear.weight.data, bias, double_quant=double_quant,
+                                 scale_search=scale_search)
+        if tick:
+            tick(1)
+    return out
+
+
+def cached_weights(cache_path: Path | None, model: nn.Module, names: list[str],
+                   options: dict[str, str]) -> dict[str, NF4Weight] | None:
+    """The cached NF4 weights when the file holds exactly these linears, else None."""
+    if cache_path is None or not Path(cache_path).is_file():
+        return None
+    loaded = nf4.load(Path(cache_path), meta=options)
+    if loaded is None or sorted(loaded[0]) != sorted(names):
+        return None
+    for name in names:
+        if loaded[0][name].shape != tuple(model.get_submodule(name).weight.shape):
+            return None
+    return loaded[0]
+
+
+def quantize_model(model: nn.Module, backend: Backend | str = "auto",
+                   cache_path: Path | None = None, progress: bool = True,
+                   double_quant: bool = False, scale_search: bool = True) -> nn.Module:
+    """Replace every nn.Linear of `model` with an NF4Linear on `backend`, in place.
+
+    With `cache_path`, NF4 weights are read from that file when it matches the model (the
+    linears may then be on the meta device) and written there otherwise; name the file with
+    `nf4_cache_path` using the same options. `scale_search` (see nf4.quantise) costs about
+    a minute once and makes the requantised GGUF markedly closer to the original.
+    """
+    if isinstance(backend, str):
+        backend = get_backend(backend)
+    names = linear_names(model)
+    options = {"double_quant": str(double_quant), "scale_search": str(scale_search)}
+    weights = cached_weights(cache_path, model, names, options)
+    if weights is None:
+        weights = quantise_linears(model, names, double_quant, scale_search, progress)
+        if cache_path is not None:
+            nf4.save(Path(cache_path), weights, meta=options)
+    for name in names:
+        _set_submodule(model, name, NF4Linear(weights[name], backend))
+    _fuse_feed_forwards(model)
+    _swap_norms(model, backend)
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _fuse_feed_forwards(model: nn.Module) -> None:
+    """Swap modules with NF4 `w13` + `w2` children for NF4FeedForward (same maths)."""
+    targets = [name for name, mod in model.named_modules()
+               if isinstance(getattr(mod, "w13", None), NF4Linear)
+               and isinstance(getattr(mod, "w2", None), NF4Linear)
+               and not isinstance(mod, NF4FeedForward)]
+    for name in targets:
+        mod = model.get_submodule(name)
+        if mod.w13.out_features != 2 * mod.w2.in_features:
+            continue
+        _set_submodule(model, name, NF4FeedForward(mod.w13, mod.w2))
+
+
+def _swap_norms(model: nn.Module, backend: Backend) -> None:
+    """Put the backend's one-call RMSNorm in place of model.RMSNorm, where it has one."""
+    from agent.decoder.model import RMSNorm
+
+    factory = getattr(backend, "rms_norm_kernel", None)
+    kernel = factory() if factory else None
+    if kernel is None:
+        return
+    names = [name for name, mod in model.named_modules() if isinstance(mod, RMSNorm)]
+    for name in names:
+        norm = model.get_submodule(name)
+        _set_submodule(model, name, KernelRMSNorm(norm.weight, norm.eps, kernel))
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of weights in memory: NF4 linears, float parameters (embedding, norms), total.
+
+    Tensors shared between modules (a tied embedding) are counted once; non-weight buffers
+    (RoPE tables) are not counted.
+    """
+    nf4_tensors = [t for mod in model.modules() if isinstance(mod, NF4Linear)
+                   for t in mod.buffers(recurse=False)]
+    return _count(nf4_tensors, list(model.parameters()))
+
+
+def _count(nf4_tensors: list[Tensor], params: list[Tensor]) -> dict[str, int]:
+    seen: set[int] = set()
+    totals = {"nf4": 0, "float": 0}
+    for kind, tensors in (("nf4", nf4_tensors), ("float", params)):
+        for t in tensors:
+            if t.device.type == "meta" or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            totals[kind] += t.numel() * t.element_size()
+    return {**totals, "total": totals["nf4"] + totals["float"]}

@@ -1,0 +1,139 @@
+"""Choosing the next token: temperature, top-p, seed, a token-mask hook; and stop strings.
+
+A `Sampler` belongs to one stream and owns that stream's random generator, so a seeded
+request gives the same tokens whatever else shares its decode batch. `mask_fn` is the
+hook the tool-calling layer plugs a grammar into: given the ids generated so far it
+returns a bool tensor over the vocabulary (True = allowed), or None for no constraint.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from agent.errors import InvalidRequestError
+
+MaskFn = Callable[[Sequence[int]], Tensor | None]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None  # same seed and input -> same output
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()  # text-level stop sequences, not included in the output
+    mask_fn: MaskFn | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if not (0.0 <= self.temperature <= 2.0) or math.isnan(self.temperature):
+            raise InvalidRequestError("temperature must be between 0 and 2", param="temperature")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidRequestError("top_p must be in (0, 1]", param="top_p")
+        if self.max_tokens < 1:
+            raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequestError("stop sequences must be non-empty strings", param="stop")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Sampler:
+    """One stream's sampling state."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.generator = torch.Generator()
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.generator.manual_seed(seed)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no mask: the batch can take one argmax for all such rows."""
+        return self.params.greedy and self.params.mask_fn is None
+
+    def __call__(self, logits: Tensor, generated: Sequence[int]) -> int:
+        """The next token from logits [vocab] (float32)."""
+        p = self.params
+        if p.mask_fn is not None:
+            logits = apply_mask(logits, p.mask_fn(generated))
+        if p.greedy:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            probs = top_p_filter(probs, p.top_p)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def apply_mask(logits: Tensor, mask: Tensor | None) -> Tensor:
+    """Disallowed tokens get -inf. A mask shorter than the logits disallows the rest."""
+    if mask is None:
+        return logits
+    allowed = torch.zeros(logits.shape[-1], dtype=torch.bool)
+    n = min(mask.shape[-1], logits.shape[-1])
+    allowed[:n] = mask[:n].to(torch.bool)
+    if not bool(allowed.any()):
+        raise InvalidRequestError("the token mask allows no token")
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p."""
+    sorted_probs, order = probs.sort(descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs  # mass of strictly likelier tokens
+    sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+def sample_batch(logits: Tensor, samplers: Sequence[Sampler],
+                 generated: Sequence[Sequence[int]]) -> list[int]:
+    """Next tokens for rows of logits [B, vocab]; plain greedy rows share one argmax."""
+    if all(s.plain_greedy for s in samplers):
+        return logits.argmax(dim=-1).tolist()
+    return [s(row, g) for s, row, g in zip(samplers, logits, generated, strict=True)]
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text without ever emitting part of one.
+
+    Text that could be the start of a stop string is held back until it either completes
+    the stop (then it and everything after it is dropped) or cannot any more.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self._held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was found)."""
+        if not self.stops:
+            return text, False
+        buf = self._held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return buf[:min(hits)], True
+        keep = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(buf)), keep, -1):
+                if buf.endswith(stop[:n]):
+                    keep = n
+                    break
+        self._held = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep], False
+
+    def flush(self) -> str:
+        """Held text at the end of the stream (it turned out not to be a stop)."""
+        held, self._held = self._held, ""
+        return held

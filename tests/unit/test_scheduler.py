@@ -1,0 +1,221 @@
+"""The scheduler with the real SmolLM2: batching, cancellation, sessions, rollback, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+import torch
+
+from agent.decoder.generate import Delta
+from agent.decoder.sampling import SamplingParams
+from agent.decoder.scheduler import GenerationRequest, Scheduler
+from agent.errors import InvalidRequestError, ParleyError
+from tests.decoder_fixtures import QUESTION, fp32_engine
+
+PROMPTS = ("The three primary colours are", "def add(a, b):\n", "My favourite season is",
+           "Water boils at")
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return fp32_engine("smollm2")
+
+
+@pytest.fixture(scope="module")
+def scheduler(engine):
+    sched = Scheduler(engine, max_streams=6, max_seq_len=512, prefill_chunk=16)
+    yield sched
+    sched.close()
+
+
+async def collect(sched: Scheduler, request: GenerationRequest) -> tuple[str, list[int], Delta]:
+    text, ids, last = "", [], None
+    async for delta in sched.generate(request):
+        text += delta.text
+        ids += delta.token_ids
+        last = delta
+    assert last is not None and last.finish_reason is not None
+    return text, ids, last
+
+
+def raw(engine, text: str, session: str | None = None, **params) -> GenerationRequest:
+    return GenerationRequest(prompt_ids=engine.tokenizer.encode(text), session_id=session,
+                             params=SamplingParams(**{"max_tokens": 8, **params}))
+
+
+async def settle(sched: Scheduler, timeout: float = 30.0) -> None:
+    """Wait until the worker has nothing in flight."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = sched.stats()
+        if st["decoding"] == st["prefilling"] == st["waiting"] == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"scheduler still busy: {sched.stats()}")
+
+
+async def test_concurrent_greedy_streams_equal_their_solo_runs(engine, scheduler):
+    solo = [await collect(scheduler, raw(engine, p)) for p in PROMPTS]
+    together = await asyncio.gather(*(collect(scheduler, raw(engine, p)) for p in PROMPTS))
+    assert [t[1] for t in together] == [s[1] for s in solo]
+    assert [t[0] for t in together] == [s[0] for s in solo]
+    assert scheduler.stats()["largest_batch"] >= 3  # they really shared decode steps
+
+
+async def test_seeded_sampling_does_not_depend_on_the_batch(engine, scheduler):
+    seeded = raw(engine, PROMPTS[0], temperature=1.0, seed=11)
+    alone = await collect(scheduler, seeded)
+    with_others = await asyncio.gather(collect(scheduler, seeded),
+                                       *(collect(scheduler, raw(engine, p)) for p in PROMPTS[1:]))
+    assert with_others[0][1] == alone[1]
+
+
+async def test_cancelling_stops_within_one_step_and_keeps_the_cache_consistent(
+        engine, scheduler):
+    steps = []
+
+    def observe(generated):  # called on the worker once per sampled token
+        steps.append(len(generated))
+        return None
+
+    prompt = engine.tokenizer.encode("Here is a long story about a dragon:")
+    request = GenerationRequest(prompt_ids=prompt, session_id="cancel-me",
+                                params=SamplingParams(max_tokens=200, mask_fn=observe))
+    received: list[int] = []
+    stream = scheduler.generate(request)
+    async with contextlib.aclosing(stream):
+        async for delta in stream:
+            received += delta.token_ids
+            if len(received) == 3:
+                at_cancel = len(steps)
+                break
+    await settle(scheduler)
+    assert len(steps) - at_cancel <= 1
+    held = await scheduler.session_tokens("cancel-me")
+    assert held[:len(prompt)] == prompt
+    generated = held[len(prompt):]
+    # Positions hold exactly the tokens fed back: a prefix of what was sampled.
+    assert len(generated) <= len(steps) - 1 and generated == received[:len(generated)]
+    # A later turn on that cache continues exactly like a fresh cache would.
+    follow = raw(engine, "Here is a long story about a dragon: it", session="cancel-me")
+    fresh = raw(engine, "Here is a long story about a dragon: it")
+    cont, fresh_out = await collect(scheduler, follow), await collect(scheduler, fresh)
+    assert cont[1] == fresh_out[1] and cont[2].usage.cached_tokens > 0
+
+
+async def test_cancelling_the_task_frees_the_stream(engine, scheduler):
+    first = asyncio.Event()
+
+    async def consume():
+        async for _ in scheduler.generate(raw(engine, PROMPTS[1], max_tokens=200)):
+            first.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(first.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await settle(scheduler)
+
+
+async def test_next_turn_prefills_only_the_new_tokens(engine, scheduler):
+    turn1 = list(QUESTION)
+    req1 = GenerationRequest(messages=turn1, session_id="chat",
+                             params=SamplingParams(max_tokens=12))
+    reply, _, last1 = await collect(scheduler, req1)
+    assert last1.usage.cached_tokens == 0
+    turn2 = [*turn1, {"role": "assistant", "content": reply},
+             {"role": "user", "content": "And of Italy?"}]
+    params = SamplingParams(max_tokens=10)
+    again = await collect(scheduler, GenerationRequest(messages=turn2, session_id="chat",
+                                                       params=params))
+    fresh = await collect(scheduler, GenerationRequest(messages=turn2, params=params))
+    assert again[1] == fresh[1]
+    usage = again[2].usage
+    assert usage.cached_tokens >= last1.usage.prompt_tokens
+    assert usage.prompt_tokens - usage.cached_tokens < 20  # just the new turn
+
+
+async def test_truncate_rolls_the_session_back(engine, scheduler):
+    request = raw(engine, "Roses are red, violets are", session="rollback")
+    first = await collect(scheduler, request)
+    held = await scheduler.session_tokens("rollback")
+    assert len(held) > 10
+    assert await scheduler.truncate("rollback", 5) == 5
+    assert await scheduler.session_tokens("rollback") == held[:5]
+    second = await collect(scheduler, request)
+    assert second[1] == first[1] and second[2].usage.cached_tokens == 5
+
+
+async def test_conversation_outgrowing_the_context_keeps_the_system_prompt(engine):
+    small = Scheduler(engine, max_streams=2, max_seq_len=192, prefill_chunk=64)
+    try:
+        system = {"role": "system", "content": "You are a terse assistant named Pip."}
+        messages = [system]
+        for i in range(12):
+            messages += [{"role": "user", "content": f"Question {i}: tell me about number {i}."},
+                         {"role": "assistant", "content": f"Number {i} is a fine number. " * 3}]
+        messages.append({"role": "user", "content": "What is your name?"})
+        assert len(engine.tokenizer.encode_chat(messages)) > 192
+        _, _, last = await collect(small, GenerationRequest(
+            messages=messages, session_id="long", params=SamplingParams(max_tokens=8)))
+        assert last.finish_reason in ("stop", "length")
+        prompt = engine.tokenizer.decode(await small.session_tokens("long"))
+        assert prompt.startswith("system\nYou are a terse assistant named Pip.")
+        assert "What is your name?" in prompt and "Question 0:" not in prompt
+    finally:
+        small.close()
+
+
+async def test_idle_sessions_are_evicted_least_recently_used_first(engine):
+    small = Scheduler(engine, max_streams=2, max_seq_len=128)
+    try:
+        for sid in ("a", "b", "c"):
+            await collect(small, raw(engine, "Hello there", session=sid, max_tokens=2))
+        assert await small.session_tokens("a") == []
+        assert await small.session_tokens("b") and await small.session_tokens("c")
+        again = await collect(small, raw(engine, "Hello there", session="a", max_tokens=2))
+        assert again[2].usage.cached_tokens == 0
+    finally:
+        small.close()
+
+
+async def test_a_failing_mask_hook_ends_only_its_own_stream(engine, scheduler):
+    def broken(generated):
+        if len(generated) >= 2:
+            raise RuntimeError("grammar exploded")
+        return None
+
+    bad = GenerationRequest(prompt_ids=engine.tokenizer.encode(PROMPTS[2]),
+                            params=SamplingParams(max_tokens=8, mask_fn=broken))
+    good = raw(engine, PROMPTS[3])
+    expected = await collect(scheduler, good)
+    results = await asyncio.gather(collect(scheduler, bad), collect(scheduler, good),
+                                   return_exceptions=True)
+    assert isinstance(results[0], ParleyError) and "grammar exploded" in results[0].message
+    assert results[1][1] == expected[1]
+
+
+async def test_mask_hook_constrains_batched_streams(engine, scheduler):
+    tok = engine.tokenizer
+    digits = torch.tensor([bool(tok.token_bytes(i)) and tok.token_bytes(i).isdigit()
+                           for i in range(engine.args.vocab_size)])
+    masked = GenerationRequest(prompt_ids=tok.encode(PROMPTS[0]),
+                               params=SamplingParams(max_tokens=5, mask_fn=lambda g: digits))
+    results = await asyncio.gather(collect(scheduler, masked), collect(scheduler,
+                                                                       raw(engine, PROMPTS[1])))
+    assert results[0][0].isdigit()
+
+
+@pytest.mark.parametrize("request_kwargs", [
+    {"prompt_ids": []},
+    {},
+    {"prompt_ids": [10**7]},
+    {"prompt_ids": list(range(100, 700))},  # longer than the 512-token context
+])
+async def test_bad_requests_are_typed_errors(scheduler, request_kwargs):
+    with pytest.raises(InvalidRequestError):
+        await collect(scheduler, GenerationRequest(**request_kwargs))
