@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import uuid
 from collections.abc import AsyncIterator
@@ -21,6 +22,15 @@ from typing import Any
 
 from agent.audio import StreamingEncoder, encode_audio
 from agent.chat.request import ChatRequest
+from agent.chat.tool_stream import CallFragment, ToolStream
+from agent.decoder.grammar import (
+    CALL_CLOSE,
+    CALL_OPEN,
+    ToolCallGrammar,
+    describe_tools,
+    native_tool_template,
+    parse_tool_calls,
+)
 from agent.decoder.scheduler import GenerationRequest
 from agent.errors import InvalidRequestError
 from agent.runtime import Runtime
@@ -52,9 +62,23 @@ class ChoiceDone:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
-Event = TextDelta | AudioData | ChoiceDone
+@dataclass(frozen=True)
+class ToolCallDelta:
+    choice: int
+    fragment: CallFragment
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text
+
+
+Event = TextDelta | AudioData | ToolCallDelta | ChoiceDone
 
 
 def audio_tokens(seconds: float) -> int:
@@ -71,6 +95,7 @@ class Plan:
     tts: Any
     prompt_ids: list[int]
     max_tokens: int
+    grammar: ToolCallGrammar | None = None
 
 
 async def plan_completion(request: ChatRequest, messages: list[dict],
@@ -80,7 +105,12 @@ async def plan_completion(request: ChatRequest, messages: list[dict],
     max_tokens = _max_tokens(request, len(prompt_ids), scheduler.max_seq_len,
                              runtime.settings.max_output_tokens)
     tts = await runtime.tts() if request.audio else None
-    return Plan(request, scheduler, tts, prompt_ids, max_tokens)
+    grammar = None
+    if request.tool_mode is not None:
+        grammar = await asyncio.to_thread(
+            ToolCallGrammar, scheduler.engine.tokenizer, request.tools,
+            choice=request.tool_mode, parallel=request.parallel_tool_calls)
+    return Plan(request, scheduler, tts, prompt_ids, max_tokens, grammar)
 
 
 async def run_completion(plan: Plan, *, streaming: bool, audio_ids: list[str] | None = None
@@ -113,7 +143,67 @@ async def run_completion(plan: Plan, *, streaming: bool, audio_ids: list[str] | 
 
 
 def _prompt_ids(scheduler, messages: list[dict], request: ChatRequest) -> list[int]:
-    return scheduler.engine.tokenizer.encode_chat(messages, tools=request.tools or None)
+    tokenizer = scheduler.engine.tokenizer
+    offered = request.tools if request.tool_mode is not None else []
+    if native_tool_template(tokenizer):
+        return tokenizer.encode_chat(_native_messages(messages), tools=offered or None)
+    return tokenizer.encode_chat(_parley_tool_messages(messages, offered))
+
+
+def _arguments(call: dict[str, Any]) -> Any:
+    text = call.get("function", call).get("arguments") or "{}"
+    try:
+        return json.loads(text) if isinstance(text, str) else text
+    except json.JSONDecodeError:
+        return text
+
+
+def _legacy(message: dict) -> dict:
+    """Legacy `function_call` / role `function` messages as tool messages."""
+    if message.get("role") == "function":
+        return {"role": "tool", "content": message.get("content") or "",
+                "name": message.get("name")}
+    if message.get("function_call"):
+        call = message["function_call"]
+        return {**message, "tool_calls": [{"id": "call_legacy", "type": "function",
+                                           "function": call}]}
+    return message
+
+
+def _native_messages(messages: list[dict]) -> list[dict]:
+    """Assistant tool calls with arguments as objects: the template serialises them."""
+    out = []
+    for m in map(_legacy, messages):
+        if m.get("tool_calls"):
+            m = {**m, "tool_calls": [{**c, "function": {"name": c["function"]["name"],
+                                                        "arguments": _arguments(c)}}
+                                     for c in m["tool_calls"]]}
+        out.append(m)
+    return out
+
+
+def _parley_tool_messages(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """Parley's tool format for templates without a tools branch (SmolLM2): the tools are
+    described in the system message, calls are written as the grammar writes them, and a
+    tool's result comes back as a user turn wrapped in <tool_response>."""
+    out = []
+    for m in map(_legacy, messages):
+        if m.get("tool_calls"):
+            text = "\n".join(f"{CALL_OPEN}\n" + json.dumps(
+                {"name": c["function"]["name"], "arguments": _arguments(c)},
+                ensure_ascii=False) + f"\n{CALL_CLOSE}" for c in m["tool_calls"])
+            m = {"role": "assistant", "content": text}
+        elif m.get("role") == "tool":
+            m = {"role": "user",
+                 "content": f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"}
+        out.append(m)
+    if tools:
+        described = describe_tools(tools)
+        if out and out[0].get("role") == "system":
+            out[0] = {**out[0], "content": f"{out[0].get('content') or ''}\n\n{described}"}
+        else:
+            out.insert(0, {"role": "system", "content": described})
+    return out
 
 
 def _max_tokens(request: ChatRequest, prompt: int, window: int, default: int) -> int:
@@ -137,9 +227,12 @@ async def _one_choice(index: int, plan: Plan, queue: asyncio.Queue, streaming: b
                       audio_id: str) -> None:
     request = plan.request
     params = replace(request.sampling(index), max_tokens=plan.max_tokens)
+    if plan.grammar is not None:
+        params = replace(params, mask_fn=plan.grammar.mask_fn())
     generation = plan.scheduler.generate(
         GenerationRequest(prompt_ids=plan.prompt_ids, params=params))
     text_parts: list[str] = []
+    split = ToolStream() if plan.grammar is not None else None
     finish = "stop"
     usage = None
     to_speech: asyncio.Queue[str | None] = asyncio.Queue()
@@ -150,8 +243,12 @@ async def _one_choice(index: int, plan: Plan, queue: asyncio.Queue, streaming: b
             async for delta in generation:
                 if delta.text:
                     text_parts.append(delta.text)
-                    await queue.put(TextDelta(index, delta.text))
-                    await to_speech.put(delta.text)
+                    shown, fragments = split.push(delta.text) if split else (delta.text, [])
+                    for fragment in fragments:
+                        await queue.put(ToolCallDelta(index, fragment))
+                    if shown:  # a tool call is never spoken: only text goes to speech
+                        await queue.put(TextDelta(index, shown))
+                        await to_speech.put(shown)
                 if delta.finish_reason is not None:
                     finish, usage = delta.finish_reason, delta.usage
         finally:
@@ -163,8 +260,16 @@ async def _one_choice(index: int, plan: Plan, queue: asyncio.Queue, streaming: b
             _speak(index, request, plan.tts, to_speech, queue, streaming)) \
             if request.audio else None
     seconds = speech.result() if speech else 0.0
+    text, calls = "".join(text_parts), ()
+    if split is not None and split.mode == "calls":
+        head, parsed = parse_tool_calls(text)
+        calls = tuple(ToolCall(split.calls[i][0] if i < len(split.calls) else "", c.name,
+                               c.arguments) for i, c in enumerate(parsed))
+        text = head
+        if calls and finish == "stop":
+            finish = "function_call" if request.legacy_functions else "tool_calls"
     await queue.put(ChoiceDone(
-        choice=index, finish_reason=finish, text="".join(text_parts),
+        choice=index, finish_reason=finish, text=text, tool_calls=calls,
         audio_id=audio_id if request.audio else None,
         audio_seconds=seconds, prompt_tokens=usage.prompt_tokens if usage else len(plan.prompt_ids),
         cached_tokens=usage.cached_tokens if usage else 0,

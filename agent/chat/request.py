@@ -41,6 +41,19 @@ class ChatRequest:
     tools: list[dict[str, Any]] = field(default_factory=list)
     tool_choice: Any = None
     parallel_tool_calls: bool = True
+    legacy_functions: bool = False  # the request used `functions`: answer `function_call`
+
+    @property
+    def tool_mode(self) -> str | None:
+        """None (no grammar), "auto", "required", or the one tool name the reply must call."""
+        if not self.tools:
+            return None
+        choice = self.tool_choice
+        if isinstance(choice, dict):
+            return (choice.get("function") or choice)["name"]
+        if choice in (None, "auto"):
+            return "auto"
+        return None if choice == "none" else str(choice)
 
     def sampling(self, choice: int) -> SamplingParams:
         """Sampling for choice `choice`: n>1 with a seed gives n different, repeatable runs."""
@@ -69,6 +82,7 @@ def parse_chat_request(body: dict[str, Any], settings: Settings,
                                   param="stream_options", code="invalid_value")
     temperature = body.get("temperature")
     top_p = body.get("top_p")
+    tools, tool_choice, parallel, legacy = _tools(body)
     return ChatRequest(
         model=model,
         messages=body["messages"],
@@ -82,10 +96,24 @@ def parse_chat_request(body: dict[str, Any], settings: Settings,
         seed=body.get("seed"),
         stop=stop_list,
         max_tokens=max_tokens,
-        tools=list(body.get("tools") or []),
-        tool_choice=body.get("tool_choice"),
-        parallel_tool_calls=body.get("parallel_tool_calls", True) is not False,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel,
+        legacy_functions=legacy,
     )
+
+
+def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]], Any, bool, bool]:
+    """(tools, tool_choice, parallel, legacy): the legacy `functions`/`function_call` pair
+    becomes tools with one call at most, as OpenAI's old API answered."""
+    if body.get("functions") and body.get("tools"):
+        raise InvalidRequestError("send either tools or the legacy functions, not both.",
+                                  param="functions", code="invalid_value")
+    if body.get("functions"):
+        tools = [{"type": "function", "function": f} for f in body["functions"]]
+        return tools, body.get("function_call"), False, True
+    parallel = body.get("parallel_tool_calls")
+    return list(body.get("tools") or []), body.get("tool_choice"), parallel is not False, False
 
 
 def _audio_output(body: dict[str, Any], modalities: list[str], settings: Settings,

@@ -9,7 +9,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import __version__
-from agent.chat.pipeline import AudioData, ChoiceDone, Event, TextDelta, audio_tokens
+from agent.chat.pipeline import (
+    AudioData,
+    ChoiceDone,
+    Event,
+    TextDelta,
+    ToolCallDelta,
+    audio_tokens,
+)
 from agent.chat.request import ChatRequest
 from agent.config import Settings
 
@@ -58,6 +65,8 @@ def completion_body(request: ChatRequest, completion_id: str, created: int,
             message["audio"] = {"id": d.audio_id,
                                 "data": base64.b64encode(audio.get(d.choice, b"")).decode(),
                                 "expires_at": expires_at, "transcript": d.text}
+        if d.tool_calls:
+            _with_calls(message, d, request.legacy_functions)
         choices.append({"index": d.choice, "message": message, "logprobs": None,
                         "finish_reason": d.finish_reason})
     return {
@@ -66,6 +75,19 @@ def completion_body(request: ChatRequest, completion_id: str, created: int,
         "service_tier": "default", "choices": choices,
         "usage": usage_block(done, input_audio_seconds, settings),
     }
+
+
+def _with_calls(message: dict[str, Any], done: ChoiceDone, legacy: bool) -> None:
+    """A tool-call reply: content is the text before the calls, or null; no audio (a call
+    is for the client's code, not for the listener)."""
+    message["content"] = done.text or None
+    message.pop("audio", None)
+    calls = [{"id": c.id, "type": "function",
+              "function": {"name": c.name, "arguments": c.arguments}} for c in done.tool_calls]
+    if legacy:
+        message["function_call"] = calls[0]["function"]
+    else:
+        message["tool_calls"] = calls
 
 
 @dataclass
@@ -115,6 +137,8 @@ class ChunkWriter:
                 out.append(self._audio(event.choice, {"transcript": event.text}))
             else:
                 out.append(self._chunk(event.choice, {"content": event.text}))
+        elif isinstance(event, ToolCallDelta):
+            out.append(self._chunk(event.choice, self._call_delta(event)))
         elif isinstance(event, AudioData):
             buffered = self.pending.get(event.choice, b"") + event.data
             whole = len(buffered) - len(buffered) % 3
@@ -130,6 +154,18 @@ class ChunkWriter:
                 out.append(self._audio(event.choice, {"expires_at": self.expires_at}))
             out.append(self._chunk(event.choice, {}, event.finish_reason))
         return out
+
+    def _call_delta(self, event: ToolCallDelta) -> dict[str, Any]:
+        f = event.fragment
+        function: dict[str, Any] = {"arguments": f.arguments}
+        if f.name is not None:
+            function = {"name": f.name, "arguments": f.arguments}
+        if self.request.legacy_functions:
+            return {"function_call": function}
+        call: dict[str, Any] = {"index": f.index, "function": function}
+        if f.id is not None:
+            call = {"index": f.index, "id": f.id, "type": "function", "function": function}
+        return {"tool_calls": [call]}
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
         return {"id": self.completion_id, "object": "chat.completion.chunk",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import httpx
 import openai
@@ -13,6 +14,10 @@ from tests.e2e.conftest import API_KEY
 from tests.speech_text import word_error_rate
 
 QUESTION = "What is the capital of France?"
+# One Piper rendition of QUESTION, kept as a file: Piper's prosody is random per call and
+# Whisper base sometimes hears "friends" in a rendition, which would make every test that
+# asks the question by voice depend on a dice roll.
+QUESTION_WAV = (Path(__file__).parents[1] / "fixtures" / "question_capital_of_france.wav")
 OUTPUT_FORMATS = ["wav", "mp3", "flac", "opus", "aac", "pcm16", "g711_ulaw", "g711_alaw"]
 
 
@@ -39,8 +44,8 @@ def test_text_in_text_out(client):
 
 
 @pytest.mark.parametrize("fmt", OUTPUT_FORMATS)
-def test_audio_in_audio_out_every_format(client, speak, asr, fmt):
-    question = base64.b64encode(speak(QUESTION)).decode()
+def test_audio_in_audio_out_every_format(client, asr, fmt):
+    question = base64.b64encode(QUESTION_WAV.read_bytes()).decode()
     reply = _audio_reply(client, fmt, [{"type": "input_audio",
                                         "input_audio": {"data": question, "format": "wav"}}])
     message = reply.choices[0].message
@@ -49,7 +54,10 @@ def test_audio_in_audio_out_every_format(client, speak, asr, fmt):
     assert message.audio.expires_at > reply.created
     assert "Paris" in message.audio.transcript  # the spoken question was understood
     heard = _transcribe(asr, base64.b64decode(message.audio.data), fmt)
-    assert word_error_rate(message.audio.transcript, heard) <= 0.25, (fmt, heard)
+    # The reply is a short sentence and Whisper base slips on about one word in six of
+    # Piper's speech ("France is" -> "Francis"): the check allows two slips in six words.
+    assert "Paris" in heard, (fmt, heard)
+    assert word_error_rate(message.audio.transcript, heard) <= 0.34, (fmt, heard)
     details = reply.usage.prompt_tokens_details
     assert details.audio_tokens >= 10  # ~2 s of question at 10 tokens per second
     assert reply.usage.completion_tokens_details.audio_tokens > 0
@@ -57,8 +65,8 @@ def test_audio_in_audio_out_every_format(client, speak, asr, fmt):
 
 @pytest.mark.parametrize("fmt", ["mp3", "flac", "ogg", "webm", "aac", "m4a", "pcm16",
                                  "g711_ulaw", "g711_alaw"])
-def test_every_input_format_is_understood(client, speak, fmt):
-    pcm = decode_audio(speak(QUESTION), rate=24000 if fmt == "pcm16" else 16000)
+def test_every_input_format_is_understood(client, fmt):
+    pcm = decode_audio(QUESTION_WAV.read_bytes(), rate=24000 if fmt == "pcm16" else 16000)
     out_fmt = {"ogg": "opus", "webm": "opus", "m4a": "aac"}.get(fmt, fmt)
     data = encode_audio(pcm, 24000 if fmt == "pcm16" else 16000, out_fmt)
     if fmt in ("webm", "m4a"):
