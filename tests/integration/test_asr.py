@@ -237,7 +237,8 @@ async def test_stream_gives_partials_then_the_one_shot_final(asr, vad, synth):
     assert final.words and word_error_rate(text, final.text) <= MAX_SENTENCE_WER
     final_words = normalize(final.text)
     for partial in partials:
-        heard = normalize(partial.text)[:-1]  # the last word may be cut mid-way
+        # A word cut mid-way may be heard as one or two fragments ("arrived" as "a r-").
+        heard = normalize(partial.text)[:-2]
         assert heard == final_words[: len(heard)], (partial.text, final.text)
     assert turn.stream.final_ready_at is not None
 
