@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from agent.audio import StreamingEncoder, output_format
+from agent.chat.pipeline import AUDIO_TOKENS_PER_SECOND  # the usage rule (README)
 from agent.errors import ParleyError, VoiceError
 from agent.front.body import read_json
 from agent.front.validation import validate
@@ -18,8 +19,6 @@ from agent.model_ids import resolve_model
 from agent.runtime import Runtime
 
 SCHEMA = "openai/speech_request"
-# Usage for SSE's speech.audio.done, by the same rule as chat (README, "Usage and cost").
-AUDIO_TOKENS_PER_SECOND = 10
 
 
 async def create_speech(request: Request) -> Response:

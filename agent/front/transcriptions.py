@@ -21,7 +21,6 @@ from agent.speech.transcript import Transcript
 
 SCHEMA = "openai/transcription_request"
 RATE = 16000
-AUDIO_TOKENS_PER_SECOND = 10
 
 
 async def create_transcription(request: Request) -> Response:
