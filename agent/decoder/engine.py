@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from agent import assets
 from agent.config import Settings, load_settings
 from agent.decoder.gguf_loader import load_gguf, read_header
@@ -129,6 +131,11 @@ def _quantise(model: Transformer, backend: str, settings: Settings, gguf: Path,
 
     name = auto_backend_name() if backend == "auto" else backend
     kernel = get_backend(name, Path(settings.cache_dir))
+    use_threads = getattr(kernel, "use_threads", None)
+    if use_threads is not None:  # before the kernels first run: their pool is sized once
+        threads = use_threads(settings.llm_threads)
+        log.info("%s kernels on %d threads, torch on %d", name, threads,
+                 torch.get_num_threads())
     quantize_model(model, kernel, nf4_cache_path(Path(settings.cache_dir), gguf),
                    progress=progress)
     return name
@@ -144,7 +151,11 @@ def _nf4_cached(settings: Settings, gguf: Path) -> bool:
 
 def load_engine(model: str | Path | None = None, *, settings: Settings | None = None,
                 backend: str = "auto", progress: bool = True) -> Engine:
-    """Read the GGUF, build the tokenizer and the model, put NF4 kernels in (unless fp32)."""
+    """Read the GGUF, build the tokenizer and the model, put NF4 kernels in (unless fp32).
+
+    With the compiled CPU kernels this also sets the process's threading, as the benchmark
+    runs: kernels on `settings.llm_threads` (0: the cores), torch's own ops on one thread.
+    """
     settings = settings or load_settings()
     if backend not in BACKEND_CHOICES:
         raise ConfigError(f"unknown backend {backend!r}; choose {', '.join(BACKEND_CHOICES)}")

@@ -11,13 +11,18 @@ plus float32 accumulation slack (1e-5 of sum |w x|). The tests assert exactly th
 
 from __future__ import annotations
 
+import fcntl
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from agent.decoder import nf4
 from agent.decoder.kernels import get_backend
-from agent.decoder.kernels.cpu import CpuBackend
+from agent.decoder.kernels.cpu import CpuBackend, build_dir, build_lock_path
 from agent.decoder.kernels.reference import reference_linear, reference_swiglu
 
 
@@ -151,3 +156,64 @@ def test_mismatched_features_raise(cpu: CpuBackend) -> None:
     w = nf4.quantise(torch.randn(8, 128))
     with pytest.raises(RuntimeError):
         cpu.linear(torch.randn(2, 64), w)
+
+
+# --- building under a lock -------------------------------------------------------------------
+
+HOLD_LOCK = """
+import fcntl, sys, time
+with open(sys.argv[1], "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_build_does_not_block_the_next_load(cpu: CpuBackend, settings) -> None:
+    baton = build_dir(settings.cache_dir) / "lock"
+    # What a build killed mid-way leaves: cpp_extension's lock file, our flock released.
+    with build_lock_path(settings.cache_dir).open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        baton.touch()
+    try:
+        backend = CpuBackend(settings.cache_dir)
+    finally:
+        baton.unlink(missing_ok=True)  # never leave it to hang another process
+    assert backend.native
+    torch.manual_seed(11)
+    w = nf4.quantise(torch.randn(24, 192), torch.randn(24))
+    check(backend, torch.randn(3, 192), w)
+
+
+@pytest.mark.timeout(60)
+def test_a_build_held_elsewhere_falls_back_after_the_wait(settings) -> None:
+    lock = build_lock_path(settings.cache_dir)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        began = time.monotonic()
+        backend = CpuBackend(settings.cache_dir, build_wait_s=0.5)
+        waited = time.monotonic() - began
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not backend.native
+    assert waited >= 0.5  # it waited out its bound before giving up
+    w = nf4.quantise(torch.randn(9, 100), torch.randn(9))
+    x = torch.randn(4, 100)
+    assert torch.equal(backend.linear(x, w), reference_linear(x, w))
+
+
+def test_use_threads_puts_torch_on_one_thread(cpu: CpuBackend, settings) -> None:
+    before = torch.get_num_threads()
+    try:
+        threads = cpu.use_threads()
+        assert torch.get_num_threads() == 1
+        assert threads == cpu.set_threads(threads) >= 1  # the kernels' pool, now fixed
+    finally:
+        torch.set_num_threads(before)
+    fallback = CpuBackend(settings.cache_dir, native=False)
+    assert fallback.use_threads(3) == torch.get_num_threads() == before  # left alone

@@ -176,3 +176,10 @@ def test_nf4_memory_is_a_quarter_of_float(nf4_engines) -> None:
     linear_params = sum(m.out_features * m.in_features for m in fast.model.modules()
                         if isinstance(m, NF4Linear))
     assert counted["nf4"] < 0.55 * linear_params  # 4.25 bits per weight
+
+
+def test_cpu_engine_threads_as_the_benchmark(nf4_engines, settings) -> None:
+    """Serve and generate decode as `parley bench decoder` does: torch's own ops on one thread."""
+    if not getattr(get_backend("cpu", settings.cache_dir), "native", False):
+        pytest.skip("no C++ compiler: the fallback keeps torch's threads")
+    assert torch.get_num_threads() == 1

@@ -2,22 +2,29 @@
 
 The extension (csrc/nf4_cpu.cpp) reads NF4 codes straight from memory, decodes them in
 registers with a byte shuffle and takes int8 dot products against activations quantised
-per 64-block, threaded with torch's own thread pool. Its results differ from the float32
+per 64-block, threaded on a pool of their own. Its results differ from the float32
 reference by the activation rounding (per block, half a step of absmax / 127) and by the
 7-bit copy of the codebook (half a step of 1 / 63 of the block scale); tests/unit/
 test_kernels_cpu.py checks the exact bound that follows.
 
 Where no compiler is present (or the build fails) the backend falls back to the reference
 computation in PyTorch: correct, and much slower. `CpuBackend.native` says which one runs.
+
+Builds are serialised by an flock of ours (kernels/build.lock in the cache). cpp_extension's
+own `lock` file outlives a process killed while holding it, and every later load would wait
+on it forever; the flock dies with its holder, so whoever holds it may delete that file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import platform
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from types import ModuleType
@@ -33,6 +40,9 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "nf4_cpu.cpp"
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast")
+# How long to wait for another process's build (a first build takes about a minute on two
+# cores) before serving with the PyTorch fallback instead.
+BUILD_WAIT_S = 600.0
 
 
 def _cpu_fingerprint() -> str:
@@ -55,29 +65,82 @@ def build_key() -> str:
     return digest.hexdigest()[:12]
 
 
-def load_extension(cache_dir: Path) -> ModuleType | None:
-    """Compile (first time, ~1 minute) or load the extension; None when it cannot be built."""
+def build_dir(cache_dir: Path) -> Path:
+    """Where this source, compiler flags, torch and CPU build the extension."""
+    return Path(cache_dir) / "kernels" / f"nf4_cpu_{build_key()}"
+
+
+def build_lock_path(cache_dir: Path) -> Path:
+    """The file whose flock serialises builds (one for every key: cleanup removes old ones)."""
+    return Path(cache_dir) / "kernels" / "build.lock"
+
+
+def load_extension(cache_dir: Path, wait_s: float = BUILD_WAIT_S) -> ModuleType | None:
+    """Compile (first time, ~1 minute) or load the extension; None when it cannot be built.
+
+    Waits at most `wait_s` seconds for a build in another process, then gives None too.
+    """
+    folder = build_dir(cache_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _exclusive(build_lock_path(cache_dir), wait_s):
+            return _build(folder)
+    except TimeoutError:
+        log.warning("another process has been building the NF4 CPU kernels for over %.0f s "
+                    "(%s); using the PyTorch fallback", wait_s, build_lock_path(cache_dir))
+    except OSError as exc:  # an unwritable cache
+        log.warning("NF4 CPU kernels unavailable (%s); using the PyTorch fallback", exc)
+    return None
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, wait_s: float) -> Iterator[None]:
+    """Hold an exclusive flock on `path`, waiting at most `wait_s` s (else TimeoutError)."""
+    deadline = time.monotonic() + wait_s
+    with path.open("a") as handle:
+        told = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{path} is held by another process") from None
+                if not told:
+                    log.warning("waiting for another process building the NF4 CPU kernels")
+                    told = True
+                time.sleep(min(0.2, left))
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(folder: Path) -> ModuleType | None:
+    """cpp_extension.load into `folder`; the caller holds the build flock."""
     from torch.utils import cpp_extension
 
-    key = build_key()
-    build_dir = cache_dir / "kernels" / f"nf4_cpu_{key}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    if not any(build_dir.glob("*.so")):
-        log.warning("compiling the NF4 CPU kernels once into %s (about a minute)", build_dir)
+    baton = folder / "lock"  # cpp_extension's; nobody alive holds it while we hold the flock
+    if baton.exists():
+        log.warning("removing %s, left by a kernel build that was killed", baton)
+        baton.unlink(missing_ok=True)
+    if not any(folder.glob("*.so")):
+        log.warning("compiling the NF4 CPU kernels once into %s (about a minute)", folder)
     try:
         module = cpp_extension.load(
-            name=f"parley_nf4_cpu_{key}",
+            name=f"parley_{folder.name}",
             sources=[str(SOURCE)],
             extra_cflags=list(CFLAGS),
             extra_ldflags=["-pthread"],
-            build_directory=str(build_dir),
+            build_directory=str(folder),
             verbose=False,
         )
     except Exception as exc:  # a missing compiler or ninja surfaces as many error types
         log.warning("NF4 CPU kernels unavailable (%s); using the PyTorch fallback", exc)
         return None
-    for stale in build_dir.parent.glob("nf4_cpu_*"):  # builds of older sources
-        if stale != build_dir:
+    for stale in folder.parent.glob("nf4_cpu_*"):  # builds of older sources
+        if stale != folder and stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
     return module
 
@@ -85,12 +148,15 @@ def load_extension(cache_dir: Path) -> ModuleType | None:
 class CpuBackend:
     name = "cpu"
 
-    def __init__(self, cache_dir: Path | None = None, native: bool = True):
+    def __init__(self, cache_dir: Path | None = None, native: bool = True,
+                 build_wait_s: float = BUILD_WAIT_S):
         if cache_dir is None:
             from agent.config import load_settings
 
             cache_dir = load_settings().cache_dir
-        self._ext = load_extension(cache_dir) if native else None
+        self._ext = load_extension(cache_dir, build_wait_s) if native else None
+        # torch's count before anyone lowers it: the cores it may use (or OMP_NUM_THREADS).
+        self._default_threads = torch.get_num_threads()
 
     @property
     def native(self) -> bool:
@@ -147,6 +213,21 @@ class CpuBackend:
         has not scheduled, which matters on a small machine shared with speech models.
         """
         return 1 if self._ext is None else int(self._ext.set_threads(n))
+
+    def use_threads(self, n: int = 0) -> int:
+        """Kernels on `n` threads (0: torch's count when this backend was made), torch's own
+        ops on one; returns the kernels' count. The fallback keeps torch's threads.
+
+        torch's OpenMP team waits at every op for all its threads; on a busy small machine a
+        descheduled one stalls each op for a time slice (decode fell to ~2 tok/s with two
+        torch threads here). The decode step's torch ops are tiny, so one thread costs little.
+        torch's setting is process-wide: every later torch op runs on one thread.
+        """
+        if self._ext is None:
+            return torch.get_num_threads()
+        threads = self.set_threads(n if n > 0 else self._default_threads)
+        torch.set_num_threads(1)
+        return threads
 
     def _ready(self, w: NF4Weight) -> NF4Weight:
         ok = (not w.double_quantised and w.scales.dtype == torch.float16
