@@ -23,6 +23,8 @@ class Runtime:
         self._asr: Any = None
         self._tts: Any = None
         self._schedulers: dict[str, Any] = {}
+        self._dispatcher: Any = None
+        self.tools_config: Any = None
         self._locks: dict[str, asyncio.Lock] = {}
 
     def _lock(self, name: str) -> asyncio.Lock:
@@ -61,6 +63,18 @@ class Runtime:
                          engine.load_seconds)
         return self._schedulers[model]
 
+    async def dispatcher(self) -> Any:
+        """The tool dispatcher (agent.dispatch), opened on first use from the tools config."""
+        async with self._lock("tools"):
+            if self._dispatcher is None:
+                from agent.dispatch.catalog import open_dispatcher
+                from agent.dispatch.config import load_tools_config
+
+                self.tools_config = await asyncio.to_thread(load_tools_config, self.settings)
+                self._dispatcher = await open_dispatcher(self.settings, self.store,
+                                                         self.tools_config)
+        return self._dispatcher
+
     def decoder_stats(self) -> dict[str, Any]:
         """Per loaded LLM: sessions, streams waiting/prefilling/decoding, cache sizes."""
         return {name: scheduler.stats() for name, scheduler in self._schedulers.items()}
@@ -69,6 +83,8 @@ class Runtime:
         await asyncio.gather(self.asr(), self.tts(), self.scheduler(self.settings.llm_model))
 
     async def close(self) -> None:
+        if self._dispatcher is not None:
+            await self._dispatcher.aclose()
         for scheduler in self._schedulers.values():
             scheduler.close()
         if self._tts is not None:

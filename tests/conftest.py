@@ -9,7 +9,7 @@ import pytest
 # Two cores: keep BLAS/ONNX/torch from oversubscribing when tests run.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-from agent.config import Settings, load_settings  # noqa: E402
+from agent.config import Settings, load_settings
 
 
 @pytest.fixture(scope="session")

@@ -100,6 +100,9 @@ class Plan:
 
 async def plan_completion(request: ChatRequest, messages: list[dict],
                           runtime: Runtime) -> Plan:
+    if request.tool_choice not in (None, "none", "auto") and not request.tools:
+        raise InvalidRequestError("tool_choice requires tools: name the tools the model may "
+                                  "call in `tools`.", param="tool_choice", code="invalid_value")
     scheduler = await runtime.scheduler(request.model.target)
     prompt_ids = await asyncio.to_thread(_prompt_ids, scheduler, messages, request)
     max_tokens = _max_tokens(request, len(prompt_ids), scheduler.max_seq_len,
@@ -144,7 +147,7 @@ async def run_completion(plan: Plan, *, streaming: bool, audio_ids: list[str] | 
 
 def _prompt_ids(scheduler, messages: list[dict], request: ChatRequest) -> list[int]:
     tokenizer = scheduler.engine.tokenizer
-    offered = request.tools if request.tool_mode is not None else []
+    offered = request.tools if request.tool_mode not in (None, "none") else []
     if native_tool_template(tokenizer):
         return tokenizer.encode_chat(_native_messages(messages), tools=offered or None)
     return tokenizer.encode_chat(_parley_tool_messages(messages, offered))

@@ -45,7 +45,8 @@ class ChatRequest:
 
     @property
     def tool_mode(self) -> str | None:
-        """None (no grammar), "auto", "required", or the one tool name the reply must call."""
+        """None (no tools, no grammar), "none" (tools exist but the reply is words only),
+        "auto", "required", or the one tool name the reply must call."""
         if not self.tools:
             return None
         choice = self.tool_choice
@@ -53,7 +54,7 @@ class ChatRequest:
             return (choice.get("function") or choice)["name"]
         if choice in (None, "auto"):
             return "auto"
-        return None if choice == "none" else str(choice)
+        return str(choice)
 
     def sampling(self, choice: int) -> SamplingParams:
         """Sampling for choice `choice`: n>1 with a seed gives n different, repeatable runs."""

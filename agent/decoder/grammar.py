@@ -13,7 +13,8 @@ tools branch, so Parley describes the tools and this same format in a system mes
 The arguments are generated under `%json` with that tool's `parameters` schema and no free
 whitespace (a small model would otherwise spend its budget on spaces), so every call
 parses and validates. `choice`: "auto" (plain text, which may not start with "<", or
-calls), "required" (calls only), or a tool name (a call to that tool only). With
+calls), "required" (calls only), a tool name (a call to that tool only), or "none" (plain
+text only: a model that has seen calls in the conversation may not write one). With
 `parallel`, several calls may follow each other, separated by a newline.
 """
 
@@ -36,6 +37,9 @@ from agent.errors import InvalidRequestError
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 # Separators as Python's json.dumps writes them: what Qwen2.5 saw in training.
 _JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+# Plain text, parting from a call at the first byte (see `_lark`).
+_TEXT = "TEXT: /[^<{](.|\\n)*/"
 
 _lock = threading.Lock()
 _ll_tokenizers: dict[int, tuple[Tokenizer, llg.LLTokenizer]] = {}
@@ -115,14 +119,15 @@ class ToolCallGrammar:
         if not tools:
             raise InvalidRequestError("tool_choice needs tools", param="tools")
         names = [tool_name(t) for t in tools]
-        if choice not in ("auto", "required") and choice not in names:
+        if choice not in ("auto", "required", "none") and choice not in names:
             raise InvalidRequestError(
                 f"tool_choice names '{choice}', which is not among the tools offered "
                 f"({', '.join(names)}).", param="tool_choice", code="invalid_value")
         self.tokenizer = tokenizer
         self.ll = ll_tokenizer(tokenizer)
         offered = [t for t in tools if choice in ("auto", "required") or tool_name(t) == choice]
-        self.lark = self._lark(offered, choice == "auto", parallel)
+        self.lark = self._lark(offered, choice == "auto", parallel) if choice != "none" \
+            else f"start: TEXT\n{_TEXT}\n"
         problem = llg.LLMatcher.validate_grammar(
             llg.LLMatcher.grammar_from_lark(self.lark), self.ll)
         if problem and not problem.startswith("WARNING"):
@@ -150,7 +155,7 @@ class ToolCallGrammar:
         rules.append('calls: call ("\\n" call)*' if parallel else "calls: call")
         # Text may not start with "<" so that the two branches part at the first byte, nor
         # with "{": a model that means to write a call as bare JSON is steered to the call.
-        start = "start: calls | TEXT\nTEXT: /[^<{](.|\\n)*/" if allow_text else "start: calls"
+        start = f"start: calls | TEXT\n{_TEXT}" if allow_text else "start: calls"
         return "\n".join([start, *rules]) + "\n"
 
     def matcher(self) -> llg.LLMatcher:

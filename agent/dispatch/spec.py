@@ -2,7 +2,10 @@
 
 The argument schema of a built-in tool lives in `schemas/tools/<name>.json` (OpenAI's
 function `parameters` shape); that file is what the model is offered and what the
-arguments are validated against, so the two can never drift apart.
+arguments are validated against, so the two can never drift apart. A property marked
+`"x-parley-not-for-model": true` (an idempotency key, say) is left out of what the model
+is offered — it is for API clients and operators; the model only fills it in badly — and
+must be optional, so anything valid for the model's view is valid for the whole schema.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from agent.dispatch.types import CallContext, SideEffect
 from agent.dispatch.validation import make_validator
 from agent.errors import ConfigError
 
+NOT_FOR_MODEL = "x-parley-not-for-model"
 # OpenAI's rule for function names.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -51,21 +55,37 @@ class ToolSpec:
             raise ConfigError(f"tool {self.name!r}: invalid schema: {exc.message}") from exc
         if not self.timeout_s > 0:
             raise ConfigError(f"tool {self.name!r}: timeout must be positive")
+        if hidden := sorted(set(_hidden(self.parameters)) & set(self.parameters.get("required",
+                                                                                  []))):
+            raise ConfigError(f"tool {self.name!r}: {hidden} are required, so they cannot be "
+                              f"hidden from the model ({NOT_FOR_MODEL})")
 
     @functools.cached_property
     def validator(self) -> jsonschema.protocols.Validator:
         return make_validator(self.parameters)
 
+    def model_parameters(self) -> dict[str, Any]:
+        """The parameters schema as the model is offered it."""
+        schema = copy.deepcopy(self.parameters)
+        for name in _hidden(schema):
+            del schema["properties"][name]
+        return schema
+
     def openai_tool(self) -> dict[str, Any]:
         """The entry for a Chat Completions `tools` list."""
         return {"type": "function",
                 "function": {"name": self.name, "description": self.description,
-                             "parameters": copy.deepcopy(self.parameters)}}
+                             "parameters": self.model_parameters()}}
 
     def realtime_tool(self) -> dict[str, Any]:
         """The entry for a Realtime `session.tools` list (flat, no `function` wrapper)."""
         return {"type": "function", "name": self.name, "description": self.description,
-                "parameters": copy.deepcopy(self.parameters)}
+                "parameters": self.model_parameters()}
+
+
+def _hidden(schema: dict[str, Any]) -> list[str]:
+    return [name for name, prop in (schema.get("properties") or {}).items()
+            if isinstance(prop, dict) and prop.get(NOT_FOR_MODEL)]
 
 
 @functools.cache

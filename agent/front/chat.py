@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from agent.chat.inputs import AUDIO_KIND, prepare_conversation
-from agent.chat.pipeline import AudioData, ChoiceDone, Plan, plan_completion, run_completion
+from agent.chat.pipeline import AudioData, ChoiceDone, Event, plan_completion, run_completion
 from agent.chat.request import ChatRequest, parse_chat_request
 from agent.chat.response import (
     ChunkWriter,
@@ -20,6 +20,12 @@ from agent.chat.response import (
     new_completion_id,
     now,
     usage_block,
+)
+from agent.chat.server_tools import (
+    ToolsRan,
+    plan_first_round,
+    run_with_server_tools,
+    server_tools_for,
 )
 from agent.errors import ParleyError, client_error
 from agent.front.body import read_json
@@ -39,29 +45,52 @@ async def chat_completions(request: Request) -> Response:
     voices = tts.voice_names if tts else ()
     chat = parse_chat_request(body, runtime.settings, voices)
     conversation = await prepare_conversation(chat.messages, runtime)
-    plan = await plan_completion(chat, conversation.messages, runtime)
+    server = await server_tools_for(body, chat, runtime, getattr(request.state, "api_key", None))
+    if server is None:
+        plan = await plan_completion(chat, conversation.messages, runtime)
+
+        def events(streaming: bool, audio_ids: list[str]) -> AsyncIterator[Event | ToolsRan]:
+            return run_completion(plan, streaming=streaming, audio_ids=audio_ids)
+    else:
+        first = await plan_first_round(chat, conversation.messages, runtime, server)
+
+        def events(streaming: bool, audio_ids: list[str]) -> AsyncIterator[Event | ToolsRan]:
+            return run_with_server_tools(first, conversation.messages, runtime, server,
+                                         streaming=streaming, audio_ids=audio_ids)
     if chat.stream:
-        return StreamingResponse(_sse(plan, conversation.audio_seconds, runtime),
+        return StreamingResponse(_sse(chat, events, conversation.audio_seconds, runtime),
                                  media_type="text/event-stream",
                                  headers={"cache-control": "no-cache",
                                           "x-accel-buffering": "no"})
-    return JSONResponse(await _complete(plan, conversation.audio_seconds, runtime))
+    return JSONResponse(await _complete(chat, events, conversation.audio_seconds, runtime))
 
 
-async def _complete(plan: Plan, audio_seconds: float, runtime: Runtime) -> dict[str, Any]:
-    chat = plan.request
+# The events of one completion: (streaming, audio ids) -> events, with ToolsRan when the
+# server ran tools itself.
+Events = Callable[[bool, list[str]], AsyncIterator[Event | ToolsRan]]
+
+
+async def _complete(chat: ChatRequest, events: Events, audio_seconds: float,
+                    runtime: Runtime) -> dict[str, Any]:
     created = now()
     done: list[ChoiceDone] = []
     audio: dict[int, bytes] = {}
-    async for event in run_completion(plan, streaming=False):
+    added: list[dict[str, Any]] = []
+    audio_ids = [f"audio_{uuid.uuid4().hex}" for _ in range(chat.n)]
+    async for event in events(False, audio_ids):
         if isinstance(event, AudioData):
             audio[event.choice] = audio.get(event.choice, b"") + event.data
         elif isinstance(event, ChoiceDone):
             done.append(event)
+        elif isinstance(event, ToolsRan):
+            added += event.messages
     expires_at = created + runtime.settings.audio_ttl_s
     await _remember_audio(chat, done, expires_at, runtime)
-    return completion_body(chat, new_completion_id(), created, done, audio, expires_at,
+    body = completion_body(chat, new_completion_id(), created, done, audio, expires_at,
                            audio_seconds, runtime.settings)
+    if added:
+        body["parley"] = {"tool_messages": added}
+    return body
 
 
 async def _remember_audio(chat: ChatRequest, done: list[ChoiceDone], expires_at: int,
@@ -75,19 +104,26 @@ async def _remember_audio(chat: ChatRequest, done: list[ChoiceDone], expires_at:
         }, ttl_s=runtime.settings.audio_ttl_s)
 
 
-async def _sse(plan: Plan, audio_seconds: float, runtime: Runtime) -> AsyncIterator[bytes]:
-    chat = plan.request
+async def _sse(chat: ChatRequest, events: Events, audio_seconds: float,
+               runtime: Runtime) -> AsyncIterator[bytes]:
     created = now()
     expires_at = created + runtime.settings.audio_ttl_s
     audio_ids = [f"audio_{uuid.uuid4().hex}" for _ in range(chat.n)]
     writer = ChunkWriter(chat, new_completion_id(), created, audio_ids, expires_at)
     done: list[ChoiceDone] = []
+    added: list[dict[str, Any]] = []
     try:
-        async for event in run_completion(plan, streaming=True, audio_ids=audio_ids):
+        async for event in events(True, audio_ids):
+            if isinstance(event, ToolsRan):
+                added += event.messages
+                continue
+            chunks = writer.chunks(event)
             if isinstance(event, ChoiceDone):
                 done.append(event)
                 await _remember_audio(chat, [event], expires_at, runtime)
-            for chunk in writer.chunks(event):
+                if added:  # on the finish chunk: a chunk without choices trips clients
+                    chunks[-1]["parley"] = {"tool_messages": added}
+            for chunk in chunks:
                 yield _event(chunk)
     except Exception as exc:
         # Headers are gone already: the error travels in the stream, as OpenAI's does.

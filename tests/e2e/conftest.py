@@ -32,6 +32,7 @@ def server(tmp_path_factory) -> str:
     # that an answer does not hinge on NF4 rounding; the decoder's own tests cover NF4.
     env = dict(os.environ, PARLEY_API_KEYS=API_KEY, PARLEY_MAX_AUDIO_SECONDS="60",
                PARLEY_LLM_BACKEND="fp32",
+               PARLEY_TOOLS_DATA_DIR=str(tmp_path_factory.mktemp("tools")),
                PARLEY_MAX_AUDIO_BYTES=str(4 * 1024 * 1024), PARLEY_LOG_LEVEL="warning")
     with open(log, "w") as out:
         proc = subprocess.Popen([str(PARLEY), "serve", "--port", str(port)], env=env,
