@@ -74,6 +74,15 @@ class Settings:
     vad_prefix_padding_ms: int = 300
     vad_silence_duration_ms: int = 500
 
+    # Realtime sessions: the longest session (OpenAI's beta allowed 30 minutes), how long a
+    # silent client is kept, the most unanswered input audio held, events queued for a
+    # client that reads slowly, and how long a conversation stays resumable in the store.
+    realtime_max_session_s: int = 1800
+    realtime_idle_timeout_s: int = 300
+    realtime_max_buffer_s: int = 600
+    realtime_send_queue: int = 512
+    realtime_state_ttl_s: int = 24 * 3600
+
     # Chat audio ids live this long in the store (OpenAI's are about an hour)
     audio_ttl_s: int = 3600
     # Cost estimate in usage, USD per million tokens (GPT-4o audio preview's published prices)

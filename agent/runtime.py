@@ -22,6 +22,7 @@ class Runtime:
         self.store = store
         self._asr: Any = None
         self._tts: Any = None
+        self._vad: Any = None
         self._schedulers: dict[str, Any] = {}
         self._dispatcher: Any = None
         self.tools_config: Any = None
@@ -47,6 +48,15 @@ class Runtime:
                 await asyncio.to_thread(engine.load)
                 self._tts = engine
         return self._tts
+
+    async def vad(self) -> Any:
+        """The Silero VAD model (sessions keep their own stream state around it)."""
+        async with self._lock("vad"):
+            if self._vad is None:
+                from agent.audio.vad import SileroVad
+
+                self._vad = await asyncio.to_thread(SileroVad.from_settings, self.settings)
+        return self._vad
 
     async def scheduler(self, model: str) -> Any:
         """The scheduler of LLM `model` (a bundled name or a .gguf path)."""

@@ -96,10 +96,12 @@ class Plan:
     prompt_ids: list[int]
     max_tokens: int
     grammar: ToolCallGrammar | None = None
+    # The decoder session whose KV cache this conversation keeps (realtime sessions).
+    session_id: str | None = None
 
 
-async def plan_completion(request: ChatRequest, messages: list[dict],
-                          runtime: Runtime) -> Plan:
+async def plan_completion(request: ChatRequest, messages: list[dict], runtime: Runtime,
+                          *, session_id: str | None = None) -> Plan:
     if request.tool_choice not in (None, "none", "auto") and not request.tools:
         raise InvalidRequestError("tool_choice requires tools: name the tools the model may "
                                   "call in `tools`.", param="tool_choice", code="invalid_value")
@@ -113,7 +115,7 @@ async def plan_completion(request: ChatRequest, messages: list[dict],
         grammar = await asyncio.to_thread(
             ToolCallGrammar, scheduler.engine.tokenizer, request.tools,
             choice=request.tool_mode, parallel=request.parallel_tool_calls)
-    return Plan(request, scheduler, tts, prompt_ids, max_tokens, grammar)
+    return Plan(request, scheduler, tts, prompt_ids, max_tokens, grammar, session_id)
 
 
 async def run_completion(plan: Plan, *, streaming: bool, audio_ids: list[str] | None = None
@@ -233,7 +235,8 @@ async def _one_choice(index: int, plan: Plan, queue: asyncio.Queue, streaming: b
     if plan.grammar is not None:
         params = replace(params, mask_fn=plan.grammar.mask_fn())
     generation = plan.scheduler.generate(
-        GenerationRequest(prompt_ids=plan.prompt_ids, params=params))
+        GenerationRequest(prompt_ids=plan.prompt_ids, params=params,
+                          session_id=plan.session_id))
     text_parts: list[str] = []
     split = ToolStream() if plan.grammar is not None else None
     finish = "stop"

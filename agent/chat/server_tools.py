@@ -62,7 +62,7 @@ async def server_tools_for(body: dict[str, Any], chat: ChatRequest, runtime: Run
     if asked is False:
         return None
     dispatcher = await runtime.dispatcher()
-    by_key = runtime.tools_config.chat_execute_keys
+    by_key = runtime.tools_config.execute_keys
     if not asked and not ("*" in by_key or (api_key is not None and api_key in by_key)):
         return None
     if chat.n != 1:

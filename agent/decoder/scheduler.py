@@ -200,13 +200,13 @@ class Scheduler:
             busy = bool(self._prefilling or self._decoding)
             if not self._drain(block=not busy):
                 break
-            try:
-                self._admit()
-            except Exception:  # the worker must outlive any one request
-                log.exception("decoder admission failed")
+            self._admit_safely()
             with torch.inference_mode():
                 self._guarded(self._prefill_step, list(self._prefilling)[:1])
                 self._guarded(self._decode_step, list(self._decoding))
+            # A stream that waited for its session (busy with the previous request) may
+            # go now; without this the worker would sleep until the next command.
+            self._admit_safely()
         gone = InvalidRequestError("the decoder shut down")
         for s in [*self._waiting, *self._prefilling, *self._decoding]:
             s.send(gone)
@@ -265,6 +265,12 @@ class Scheduler:
         del self._sessions[session.id]
         self.cache.reset(session.slot)
         self._free.append(session.slot)
+
+    def _admit_safely(self) -> None:
+        try:
+            self._admit()
+        except Exception:  # the worker must outlive any one request
+            log.exception("decoder admission failed")
 
     def _admit(self) -> None:
         """Give waiting streams a session and slot, in order, while slots last."""

@@ -6,8 +6,9 @@
     data_dir = "/var/lib/parley/tools"            # default: <cache_dir>/tools
     default_allow = ["*"]                         # tool-name patterns for keys not listed
     record_ttl_s = 604800                         # how long call records are kept
-    chat_execute_keys = ["sk-frontdesk"]          # chat runs tools server-side for these
-                                                  # keys ("*": all) unless a request says no
+    execute_keys = ["sk-frontdesk"]               # chat and realtime run tools server-side
+                                                  # for these keys ("*": all) unless a
+                                                  # request or session says otherwise
 
     [tools.keys]                                  # API key -> tool-name patterns
     "sk-frontdesk" = ["search_knowledge_base", "check_availability", "*_booking*"]
@@ -21,7 +22,7 @@
 
 The file is `PARLEY_TOOLS_CONFIG` if set, else the main config file (`PARLEY_CONFIG`).
 Environment: PARLEY_TOOLS_ENABLED, PARLEY_TOOLS_SEARCH_DIR, PARLEY_TOOLS_DATA_DIR,
-PARLEY_TOOLS_DEFAULT_ALLOW, PARLEY_TOOLS_CHAT_EXECUTE_KEYS (comma-separated lists),
+PARLEY_TOOLS_DEFAULT_ALLOW, PARLEY_TOOLS_EXECUTE_KEYS (comma-separated lists),
 PARLEY_TOOLS_RECORD_TTL_S.
 """
 
@@ -58,7 +59,7 @@ class ToolsConfig:
     booking: BookingConfig = field(default_factory=BookingConfig)
     payments: PaymentLimits = field(default_factory=PaymentLimits)
     webhooks: tuple[WebhookConfig, ...] = ()
-    chat_execute_keys: tuple[str, ...] = ()
+    execute_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if unknown := sorted(set(self.enabled) - set(GROUPS)):
@@ -66,7 +67,7 @@ class ToolsConfig:
 
 
 SIMPLE = {"enabled", "search_dir", "data_dir", "default_allow", "record_ttl_s",
-          "chat_execute_keys"}
+          "execute_keys"}
 TABLES = {"keys", "timeouts", "booking", "payments", "webhooks"}
 
 
@@ -95,7 +96,7 @@ def _build(table: dict[str, Any], settings: Settings, base_dir: Path,
            environ: Mapping[str, str]) -> ToolsConfig:
     values: dict[str, Any] = {"data_dir": Path(settings.cache_dir) / "tools"}
     try:
-        for name in ("enabled", "default_allow", "chat_execute_keys"):
+        for name in ("enabled", "default_allow", "execute_keys"):
             if name in table:
                 values[name] = _names(table[name])
         for name in ("search_dir", "data_dir"):

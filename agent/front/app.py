@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from agent import __version__
 from agent.assets import MODELS, resolve
@@ -22,9 +22,11 @@ from agent.errors import ModelMissingError, ParleyError, client_error
 from agent.front.auth import APIKeyMiddleware, with_api_keys
 from agent.front.chat import chat_completions
 from agent.front.openapi import openapi
+from agent.front.realtime_secrets import ROUTES as REALTIME_SECRET_ROUTES
 from agent.front.speech import create_speech
 from agent.front.transcriptions import create_transcription
 from agent.model_ids import listed_models
+from agent.realtime.endpoint import realtime_endpoint
 from agent.runtime import Runtime
 from agent.state.store import Store
 
@@ -116,6 +118,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/audio/speech", create_speech, methods=["POST"]),
         Route("/v1/audio/transcriptions", create_transcription, methods=["POST"]),
+        *REALTIME_SECRET_ROUTES,
+        WebSocketRoute("/v1/realtime", realtime_endpoint),
     ]
     return Starlette(
         routes=routes,

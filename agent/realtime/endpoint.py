@@ -1,0 +1,129 @@
+"""GET /v1/realtime (WebSocket): authenticate, open or resume a conversation, and pump
+client events into the session and the session's events out to the client.
+
+Query parameters: `model` (any realtime or chat id Parley answers to), and Parley's
+`conversation_id`, which resumes a conversation kept in the store — from any replica —
+after a dropped connection. The conversation id is in `conversation.created`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from agent.errors import ParleyError
+from agent.model_ids import resolve_model
+from agent.realtime.conversation import Conversation
+from agent.realtime.credentials import CredentialsError, authenticate_websocket
+from agent.realtime.protocol import RealtimeError, new_conversation_id, server_event
+from agent.realtime.session import Session
+from agent.realtime.session_config import apply_update, default_session
+from agent.runtime import Runtime
+
+log = logging.getLogger(__name__)
+DEFAULT_MODEL = "gpt-realtime"
+CLOSE_REQUEST = 4000     # the connection's parameters are wrong
+CLOSE_TIME = 4002        # idle too long, or the session reached its maximum length
+
+
+async def realtime_endpoint(websocket: WebSocket) -> None:
+    runtime: Runtime = websocket.app.state.runtime
+    try:
+        credentials = await authenticate_websocket(websocket.scope, runtime.settings,
+                                                   runtime.store)
+    except CredentialsError as exc:
+        # Browsers drop a handshake that selects none of their subprotocols, and then
+        # never see why: accept with theirs, say why, close as OpenAI does.
+        await _refuse(websocket, exc, exc.close_code, exc.subprotocol, exc.close_reason)
+        return
+    try:
+        session = await _open_session(websocket, runtime, credentials)
+    except (RealtimeError, ParleyError) as exc:
+        error = exc if isinstance(exc, RealtimeError) else RealtimeError(
+            str(exc), code=getattr(exc, "code", None) or "invalid_request", param=exc.param)
+        await _refuse(websocket, error, CLOSE_REQUEST, credentials.subprotocol)
+        return
+    await websocket.accept(subprotocol=credentials.subprotocol)
+    writer = asyncio.create_task(_write(websocket, session))
+    try:
+        await session.start()
+        await _read(websocket, session, runtime)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        await session.close()
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await writer
+
+
+async def _open_session(websocket: WebSocket, runtime: Runtime, credentials) -> Session:
+    settings = runtime.settings
+    # A client secret fixes the model it was made for; the SDK always sends `model` too.
+    model = (credentials.session or {}).get("model") or websocket.query_params.get("model") \
+        or DEFAULT_MODEL
+    resolve_model(model, settings, "chat")  # an unknown id is refused before accepting
+    config = default_session(settings, model)
+    if credentials.session:
+        config = apply_update(config, credentials.session)
+    ttl = settings.realtime_state_ttl_s
+    if resume := websocket.query_params.get("conversation_id"):
+        conversation = await Conversation.resume(resume, runtime.store, ttl)
+        if conversation.session:
+            config = apply_update(config, conversation.session)
+    else:
+        conversation = Conversation(new_conversation_id(), runtime.store, ttl)
+    vad, asr, dispatcher = await asyncio.gather(runtime.vad(), runtime.asr(),
+                                                runtime.dispatcher())
+    await runtime.scheduler(resolve_model(model, settings, "chat").target)
+    if config.audio_output:
+        await runtime.tts()
+    return Session(runtime, config, conversation, beta=credentials.beta,
+                   api_key=credentials.api_key, vad_model=vad, asr=asr, dispatcher=dispatcher)
+
+
+async def _read(websocket: WebSocket, session: Session, runtime: Runtime) -> None:
+    settings = runtime.settings
+    deadline = time.monotonic() + settings.realtime_max_session_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            message = await asyncio.wait_for(websocket.receive(),
+                                             min(settings.realtime_idle_timeout_s, left))
+        except TimeoutError:
+            why = "the session reached its maximum length" if time.monotonic() >= deadline \
+                else "the client sent nothing for too long"
+            await session.send(server_event("error", error={
+                "type": "invalid_request_error", "code": "session_expired",
+                "message": f"Closing: {why}.", "param": None, "event_id": None}))
+            await session.outbox.put(None)  # the writer flushes, then closes
+            await asyncio.sleep(0.2)
+            await websocket.close(CLOSE_TIME)
+            return
+        if message["type"] == "websocket.disconnect":
+            return
+        raw = message.get("text") if message.get("text") is not None else message.get("bytes")
+        if raw is not None:
+            await session.handle(raw)
+
+
+async def _write(websocket: WebSocket, session: Session) -> None:
+    while (event := await session.outbox.get()) is not None:
+        try:
+            await websocket.send_text(json.dumps(event, separators=(",", ":")))
+        except (WebSocketDisconnect, RuntimeError):
+            return
+
+
+async def _refuse(websocket: WebSocket, error: RealtimeError, code: int,
+                  subprotocol: str | None = None, reason: str | None = None) -> None:
+    """Accept only to say why, as OpenAI does: an `error` event, then the close."""
+    await websocket.accept(subprotocol=subprotocol)
+    with contextlib.suppress(Exception):
+        await websocket.send_text(json.dumps(error.to_event()))
+        await websocket.close(code, reason)

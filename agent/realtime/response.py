@@ -1,0 +1,333 @@
+"""One Realtime response: the conversation in, events out, until done or cancelled.
+
+The chat pipeline does the work (agent.chat.pipeline: decoder with the session's KV cache,
+the tool grammar, clause-level TTS, the streaming encoder); this module turns its flat
+events into the Realtime event sequence:
+
+    response.created ─ rate_limits.updated
+    ├─ message item:  output_item.added ─ conversation.item.added ─ content_part.added
+    │                 output_audio.delta / output_audio_transcript.delta (or output_text)
+    │                 …done ─ content_part.done ─ output_item.done ─ conversation.item.done
+    ├─ function_call item(s): output_item.added … function_call_arguments.delta/.done …
+    └─ response.done (status, usage)
+
+Cancelling the task (response.cancel, barge-in, disconnect) stops generation, synthesis
+and sending together; the items are closed as `incomplete`, the assistant's transcript is
+cut to the audio the listener can have heard, and response.done says `cancelled`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from agent.chat.pipeline import (
+    AudioData,
+    ChoiceDone,
+    TextDelta,
+    ToolCallDelta,
+    audio_tokens,
+    plan_completion,
+    run_completion,
+)
+from agent.chat.request import AudioOutput, ChatRequest
+from agent.model_ids import resolve_model
+from agent.realtime.conversation import truncate_transcript
+from agent.realtime.protocol import new_item_id, server_event
+from agent.realtime.session_config import SessionConfig, to_response_object
+
+if TYPE_CHECKING:
+    from agent.realtime.session import Session
+
+# Bytes per millisecond of each output format (mono): pcm16 at 24 kHz, G.711 at 8 kHz.
+BYTES_PER_MS = {"pcm16": 48, "pcmu": 8, "pcma": 8}
+DELTA_MS = 100  # 4,800 bytes of pcm16: a multiple of 3, so base64 pieces join cleanly
+
+
+@dataclass
+class OutputCall:
+    item: dict[str, Any]
+    output_index: int
+    arguments: str = ""
+
+
+@dataclass
+class ResponseRun:
+    """A response in flight, as the session sees it (for cancel, barge-in, truncate)."""
+
+    id: str
+    config: SessionConfig
+    in_conversation: bool = True       # False: conversation "none" (out of band)
+    metadata: dict[str, Any] | None = None
+    status: str = "in_progress"
+    cancel_reason: str | None = None
+    message: dict[str, Any] | None = None   # the assistant message item, once it starts
+    text: str = ""
+    audio: bytearray = field(default_factory=bytearray)
+    first_audio_at: float | None = None
+    calls: list[OutputCall] = field(default_factory=list)
+    output: list[dict[str, Any]] = field(default_factory=list)
+    usage: dict[str, Any] | None = None
+    started_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    @property
+    def audio_ms(self) -> int:
+        return len(self.audio) // BYTES_PER_MS.get(self.config.output_format.kind, 48)
+
+    def heard_ms(self, now: float | None = None) -> int:
+        """The most audio the listener can have played: what was sent, and no more than
+        the time since the first byte left (playback runs in real time)."""
+        if self.first_audio_at is None:
+            return 0
+        elapsed = int(((now or time.perf_counter()) - self.first_audio_at) * 1000)
+        return min(self.audio_ms, max(elapsed, 0))
+
+
+def chat_request(session: Session, config: SessionConfig, messages: list[dict[str, Any]],
+                 *, max_tokens: int | None = None, audio: bool = True) -> ChatRequest:
+    """The chat pipeline's request for a response run with `config`."""
+    if max_tokens is None and config.max_output_tokens != "inf":
+        max_tokens = int(config.max_output_tokens)
+    return ChatRequest(
+        model=resolve_model(session.model, session.settings, "chat"), messages=messages,
+        audio=AudioOutput(config.voice, config.output_format.codec, config.speed)
+        if audio and config.audio_output else None,
+        stream=True, include_usage=False, n=1, temperature=config.temperature, top_p=1.0,
+        seed=None, stop=[], max_tokens=max_tokens, tools=session.chat_tools(config),
+        tool_choice=config.tool_choice, parallel_tool_calls=True)
+
+
+async def prefill_conversation(session: Session) -> None:
+    """Generate one throw-away token on the conversation so far, so its KV cache is
+    ready; the next response's prompt shares that prefix and prefills only what's new."""
+    config = session.config
+    messages = session.conversation.messages(config.instructions)
+    plan = await plan_completion(chat_request(session, config, messages, max_tokens=1,
+                                              audio=False), messages, session.runtime,
+                                 session_id=session.decoder_session)
+    async for _ in run_completion(plan, streaming=True):
+        pass
+
+
+class ResponseWriter:
+    """Runs one response for `session` and emits its events."""
+
+    def __init__(self, session: Session, run: ResponseRun):
+        self.session = session
+        self.run = run
+        self.config = run.config
+
+    async def __call__(self) -> None:
+        run = self.run
+        await self._emit("response.created", response=self._response_object())
+        await self._emit("rate_limits.updated", rate_limits=self.session.rate_limits())
+        try:
+            await self._generate()
+            run.status = "incomplete" if run.status == "length" else "completed"
+        except asyncio.CancelledError:
+            run.status = "cancelled"
+            await asyncio.shield(self._close_items(cancelled=True))
+            await asyncio.shield(self._done())
+            return
+        except Exception as exc:
+            run.status = "failed"
+            await self._close_items(cancelled=True)
+            await self._done(error=exc)
+            raise
+        await self._close_items(cancelled=False)
+        await self._done()
+
+    # -- generation -------------------------------------------------------------------------
+
+    async def _generate(self) -> None:
+        session, config = self.session, self.config
+        messages = self.session.context_messages(self.run, config)
+        request = chat_request(session, config, messages)
+        plan = await plan_completion(request, messages, session.runtime,
+                                     session_id=session.decoder_session)
+        async for event in run_completion(plan, streaming=True,
+                                          audio_ids=[new_item_id()]):
+            if self.run.first_token_at is None:
+                self.run.first_token_at = time.perf_counter()
+            if isinstance(event, TextDelta):
+                await self._text(event.text)
+            elif isinstance(event, AudioData):
+                await self._audio(event.data)
+            elif isinstance(event, ToolCallDelta):
+                await self._call(event)
+            elif isinstance(event, ChoiceDone):
+                self._usage(event)
+                if event.finish_reason == "length":
+                    self.run.status = "length"
+
+    async def _start_message(self) -> dict[str, Any]:
+        run = self.run
+        if run.message is None:
+            kind = "output_audio" if self.config.audio_output else "output_text"
+            run.message = {"id": new_item_id(), "object": "realtime.item", "type": "message",
+                           "status": "in_progress", "role": "assistant",
+                           "content": [{"type": kind}]}
+            run.output.append(run.message)
+            await self._item_added(run.message)
+            await self._emit("response.content_part.added", **self._where(run.message),
+                             part=self._part(done=False))
+        return run.message
+
+    async def _text(self, text: str) -> None:
+        item = await self._start_message()
+        self.run.text += text
+        kind = "response.output_audio_transcript.delta" if self.config.audio_output \
+            else "response.output_text.delta"
+        await self._emit(kind, **self._where(item), delta=text)
+
+    async def _audio(self, data: bytes) -> None:
+        item = await self._start_message()
+        if self.run.first_audio_at is None:
+            self.run.first_audio_at = time.perf_counter()
+            self.session.voice_used()
+        # A clause arrives whole; it leaves in pieces of DELTA_MS so that a player can
+        # start at once and a barge-in stops the sending within one piece.
+        step = DELTA_MS * BYTES_PER_MS.get(self.config.output_format.kind, 48)
+        for start in range(0, len(data), step):
+            piece = data[start:start + step]
+            self.run.audio += piece
+            await self._emit("response.output_audio.delta", **self._where(item),
+                             delta=base64.b64encode(piece).decode())
+
+    async def _call(self, event: ToolCallDelta) -> None:
+        fragment = event.fragment
+        if fragment.id is not None:
+            item = {"id": new_item_id(), "object": "realtime.item", "type": "function_call",
+                    "status": "in_progress", "name": fragment.name, "call_id": fragment.id,
+                    "arguments": ""}
+            self.run.output.append(item)
+            self.run.calls.append(OutputCall(item, len(self.run.output) - 1))
+            await self._item_added(item)
+        call = self.run.calls[fragment.index] if fragment.index < len(self.run.calls) \
+            else self.run.calls[-1]
+        if fragment.arguments:
+            call.arguments += fragment.arguments
+            await self._emit("response.function_call_arguments.delta",
+                             response_id=self.run.id, item_id=call.item["id"],
+                             output_index=call.output_index, call_id=call.item["call_id"],
+                             delta=fragment.arguments)
+
+    def _usage(self, done: ChoiceDone) -> None:
+        audio_out = audio_tokens(done.audio_seconds)
+        text_out = done.completion_tokens
+        self.run.usage = {
+            "total_tokens": done.prompt_tokens + text_out + audio_out,
+            "input_tokens": done.prompt_tokens, "output_tokens": text_out + audio_out,
+            "input_token_details": {"text_tokens": done.prompt_tokens, "audio_tokens": 0,
+                                    "image_tokens": 0, "cached_tokens": done.cached_tokens,
+                                    "cached_tokens_details": {"text_tokens": done.cached_tokens,
+                                                              "audio_tokens": 0,
+                                                              "image_tokens": 0}},
+            "output_token_details": {"text_tokens": text_out, "audio_tokens": audio_out}}
+
+    # -- closing ----------------------------------------------------------------------------
+
+    async def _close_items(self, *, cancelled: bool) -> None:
+        run = self.run
+        status = "incomplete" if cancelled else "completed"
+        if run.message is not None:
+            text = run.text
+            if cancelled and self.config.audio_output:
+                heard = run.heard_ms()
+                text = truncate_transcript(run.text, heard, run.audio_ms)
+                del run.audio[heard * BYTES_PER_MS.get(self.config.output_format.kind, 48):]
+            await self._finish_message(text, status)
+        for call in run.calls:
+            await self._finish_call(call, status)
+
+    async def _finish_message(self, text: str, status: str) -> None:
+        item, run = self.run.message, self.run
+        assert item is not None
+        where = self._where(item)
+        if self.config.audio_output:
+            item["content"] = [{"type": "output_audio", "transcript": text}]
+            await self._emit("response.output_audio.done", **where)
+            await self._emit("response.output_audio_transcript.done", **where, transcript=text)
+        else:
+            item["content"] = [{"type": "output_text", "text": text}]
+            await self._emit("response.output_text.done", **where, text=text)
+        await self._emit("response.content_part.done", **where,
+                         part=self._part(done=True, text=text))
+        item["status"] = status
+        await self._item_done(item, run.output.index(item))
+        if run.in_conversation and run.audio:
+            await self.session.conversation.save_audio(item["id"], bytes(run.audio))
+
+    async def _finish_call(self, call: OutputCall, status: str) -> None:
+        item = call.item
+        item["arguments"], item["status"] = call.arguments, status
+        if status == "completed":
+            await self._emit("response.function_call_arguments.done", response_id=self.run.id,
+                             item_id=item["id"], output_index=call.output_index,
+                             call_id=item["call_id"], name=item["name"],
+                             arguments=call.arguments)
+        await self._item_done(item, call.output_index)
+
+    async def _done(self, error: Exception | None = None) -> None:
+        run = self.run
+        details = None
+        if run.status == "cancelled":
+            details = {"type": "cancelled", "reason": run.cancel_reason or "client_cancelled"}
+        elif run.status == "incomplete":
+            details = {"type": "incomplete", "reason": "max_output_tokens"}
+        elif run.status == "failed":
+            details = {"type": "failed", "error": {"type": "server_error",
+                                                   "code": "response_failed",
+                                                   "message": str(error or "failed")}}
+        await self._emit("response.done", response=self._response_object(details))
+        self.session.response_finished(run)
+
+    # -- event helpers ------------------------------------------------------------------------
+
+    def _response_object(self, details: dict[str, Any] | None = None) -> dict[str, Any]:
+        run = self.run
+        return to_response_object(
+            self.config, response_id=run.id, status=run.status
+            if run.status in ("completed", "cancelled", "failed", "incomplete")
+            else "in_progress", output=[self._without_audio(i) for i in run.output],
+            conversation_id=self.session.conversation.id if run.in_conversation else None,
+            status_details=details, usage=run.usage, metadata=run.metadata)
+
+    @staticmethod
+    def _without_audio(item: dict[str, Any]) -> dict[str, Any]:
+        return {**item, "content": [dict(p) for p in item["content"]]} if "content" in item \
+            else dict(item)
+
+    def _part(self, *, done: bool, text: str = "") -> dict[str, Any]:
+        if self.config.audio_output:
+            return {"type": "audio", "transcript": text if done else ""}
+        return {"type": "text", "text": text if done else ""}
+
+    def _where(self, item: dict[str, Any]) -> dict[str, Any]:
+        return {"response_id": self.run.id, "item_id": item["id"],
+                "output_index": self.run.output.index(item), "content_index": 0}
+
+    async def _item_added(self, item: dict[str, Any]) -> None:
+        index = self.run.output.index(item)
+        await self._emit("response.output_item.added", response_id=self.run.id,
+                         output_index=index, item=self._without_audio(item))
+        if self.run.in_conversation:
+            previous = await self.session.conversation.add(item)
+            await self._emit("conversation.item.added", previous_item_id=previous,
+                             item=self._without_audio(item))
+
+    async def _item_done(self, item: dict[str, Any], index: int) -> None:
+        await self._emit("response.output_item.done", response_id=self.run.id,
+                         output_index=index, item=self._without_audio(item))
+        if self.run.in_conversation:
+            await self.session.conversation.save()
+            await self._emit("conversation.item.done",
+                             previous_item_id=self.session.conversation.previous_id(item["id"]),
+                             item=self._without_audio(item))
+
+    async def _emit(self, event_type: str, **fields: Any) -> None:
+        await self.session.send(server_event(event_type, **fields))
