@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from agent.audio import StreamingEncoder, output_format
-from agent.chat.pipeline import AUDIO_TOKENS_PER_SECOND  # the usage rule (README)
+from agent.chat.pipeline import audio_tokens  # the usage rule (README)
 from agent.errors import ParleyError, VoiceError
 from agent.front.body import read_json
 from agent.front.validation import validate
@@ -72,7 +72,7 @@ async def _sse(tts, text: str, voice: str, speed: float, fmt: str) -> AsyncItera
         yield _event({"type": "error", **exc.to_dict()})
         return
     input_tokens = len(text.split())
-    output_tokens = round(seconds * AUDIO_TOKENS_PER_SECOND)
+    output_tokens = audio_tokens(seconds)
     yield _event({"type": "speech.audio.done",
                   "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens,
                             "total_tokens": input_tokens + output_tokens}})
