@@ -78,6 +78,14 @@ def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         from agent.bench.chat import bench_chat
 
         return bench_chat(settings, args)
+    if args.what == "tools":
+        from agent.bench.tools import bench_tools
+
+        return bench_tools(settings, args)
+    if args.what == "realtime":
+        from agent.bench.realtime import bench_realtime
+
+        return bench_realtime(settings, args)
     from agent.bench.decoder import bench_decoder
 
     return bench_decoder(settings, args)
@@ -128,9 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("bench", help="benchmarks whose tables go in the README")
-    p.add_argument("what", choices=["speech", "decoder", "chat"])
-    p.add_argument("--model", help="decoder: model name or .gguf path")
+    p.add_argument("what", choices=["speech", "decoder", "chat", "tools", "realtime"])
+    p.add_argument("--model", help="decoder, tools: model name or .gguf path")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
+    p.add_argument("--backend", default=None,
+                   help="realtime: the server's decoder backend (default: llm_backend setting)")
     p.set_defaults(func=_cmd_bench)
     return parser
 
