@@ -257,6 +257,8 @@ async def _one_choice(index: int, plan: Plan, queue: asyncio.Queue, streaming: b
                         await to_speech.put(shown)
                 if delta.finish_reason is not None:
                     finish, usage = delta.finish_reason, delta.usage
+            for fragment in split.finish() if split else []:
+                await queue.put(ToolCallDelta(index, fragment))
         finally:
             await to_speech.put(None)
 

@@ -1,7 +1,8 @@
 """A reply generated under the tool grammar, split as it streams: text, or tool calls.
 
 The grammar (agent/decoder/grammar.py) fixes the shape, so the split is exact: a reply
-that starts with "<" is calls, anything else is text. Calls come out as OpenAI streams
+that starts with "<" (tagged calls) or "{" (one bare JSON call) is calls, anything else is
+text. Calls come out as OpenAI streams
 them: first the call's id and name with empty arguments, then argument fragments.
 """
 
@@ -36,12 +37,22 @@ class ToolStream:
         self.calls: list[tuple[str, str]] = []  # (id, name) of calls started
         self.sent = -1  # of the current call's arguments, characters sent (-1: none open)
         self.bodies: list[tuple[str, str]] = []  # (name, arguments) of complete calls
+        self.bare = False  # the reply is one bare JSON call object (see grammar._lark)
+
+    def finish(self) -> list[CallFragment]:
+        """Fragments still held when the reply ends: a bare call has no closing tag, so
+        its last characters wait for one."""
+        return self.push(f"\n{CALL_CLOSE}")[1] if self.bare else []
 
     def push(self, text: str) -> tuple[str, list[CallFragment]]:
         """(text to show, call fragments) for the next piece of output. The first call
         streams as it is written; later ones come whole, and a repeat is dropped."""
         if self.mode is None and text:
-            self.mode = "calls" if text.lstrip(" ").startswith("<") else "text"
+            first = text.lstrip(" ")[:1]
+            self.mode = "calls" if first in ("<", "{") else "text"
+            if first == "{":  # a bare JSON call: read it as the tagged form
+                self.bare = True
+                self.buffer = f"{CALL_OPEN}\n"
         if self.mode != "calls":
             return text, []
         self.buffer += text

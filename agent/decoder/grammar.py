@@ -12,9 +12,10 @@ tools branch, so Parley describes the tools and this same format in a system mes
 
 The arguments are generated under `%json` with that tool's `parameters` schema and no free
 whitespace (a small model would otherwise spend its budget on spaces), so every call
-parses and validates. `choice`: "auto" (plain text, which may not start with "<", or
-calls), "required" (calls only), a tool name (a call to that tool only), or "none" (plain
-text only: a model that has seen calls in the conversation may not write one). With
+parses and validates. `choice`: "auto" (plain text, which may not start with "<" or "{",
+or calls — tagged, or one bare JSON call object), "required" (calls only), a tool name
+(a call to that tool only), or "none" (plain text only: a model that has seen calls in
+the conversation may not write one). With
 `parallel`, several calls may follow each other, separated by a newline.
 """
 
@@ -93,9 +94,16 @@ class ParsedCall:
     arguments: str  # the JSON text, as OpenAI's `arguments`
 
 
+def as_tagged(text: str) -> str:
+    """A bare-JSON call (see `_lark`) written the tagged way; other text unchanged."""
+    if text.lstrip().startswith("{"):
+        return f"{CALL_OPEN}\n{text.strip()}\n{CALL_CLOSE}"
+    return text
+
+
 def parse_tool_calls(text: str) -> tuple[str, list[ParsedCall]]:
     """(text before the first call, the calls) of a reply generated under the grammar."""
-    head, sep, rest = text.partition(CALL_OPEN)
+    head, sep, rest = as_tagged(text).partition(CALL_OPEN)
     if not sep:
         return text, []
     calls: list[ParsedCall] = []
@@ -153,9 +161,17 @@ class ToolCallGrammar:
             alternatives.append(f"call_{i}")
         rules.append(f"call: {' | '.join(alternatives)}")
         rules.append('calls: call ("\\n" call)*' if parallel else "calls: call")
-        # Text may not start with "<" so that the two branches part at the first byte, nor
-        # with "{": a model that means to write a call as bare JSON is steered to the call.
-        start = f"start: calls | TEXT\n{_TEXT}" if allow_text else "start: calls"
+        if not allow_text:
+            return "\n".join(["start: calls", *rules]) + "\n"
+        # Under `auto` a model may also call with a bare {"name": ..., "arguments": ...}
+        # object, which is how Qwen2.5 starts when it means to call (it almost never opens
+        # with <tool_call> unprompted). Text may start with neither "<" nor "{", so the
+        # branches part at the first byte.
+        for i, tool in enumerate(tools):
+            head = json.dumps(f'{{"name": {json.dumps(tool_name(tool))}, "arguments": ')
+            rules.append(f'bare_{i}: {head} args_{i} "}}"')
+        rules.append(f"bare: {' | '.join(f'bare_{i}' for i in range(len(tools)))}")
+        start = f"start: calls | bare | TEXT\n{_TEXT}"
         return "\n".join([start, *rules]) + "\n"
 
     def matcher(self) -> llg.LLMatcher:

@@ -38,7 +38,7 @@ def server(tmp_path_factory) -> str:
         proc = subprocess.Popen([str(PARLEY), "serve", "--port", str(port)], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
+    deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
             pytest.fail("server exited:\n" + log.read_text()[-3000:])

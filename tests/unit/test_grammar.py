@@ -138,3 +138,31 @@ def test_none_allows_words_only(tokenizer, seed):
     text = _sample(grammar, tokenizer, 1.0, seed, parallel=False)
     assert parse_tool_calls(text) == (text, [])
     assert not text.startswith(("<", "{"))
+
+
+def test_a_bare_json_call_is_a_call(tokenizer):
+    """Under auto, `{"name": ..., "arguments": ...}` is read as a call, streamed or whole."""
+    from agent.chat.tool_stream import ToolStream
+
+    text = '{"name": "a", "arguments": {"x": 1}}'
+    assert parse_tool_calls(text)[1] == [parse_tool_calls(
+        f'<tool_call>\n{text}\n</tool_call>')[1][0]]
+    stream = ToolStream()
+    fragments = []
+    for piece in ('{"name": "a", "arg', 'uments": {"x"', ': 1}}'):
+        shown, got = stream.push(piece)
+        assert shown == ""
+        fragments += got
+    fragments += stream.finish()
+    assert fragments[0].name == "a" and fragments[0].id
+    assert "".join(f.arguments for f in fragments) == '{"x": 1}'
+
+
+def test_auto_grammar_accepts_a_bare_call(tokenizer):
+    grammar = ToolCallGrammar(tokenizer, [_tool("a", {"type": "object", "properties": {
+        "x": {"type": "integer"}}, "required": ["x"]})], choice="auto")
+    mask = grammar.mask_fn()
+    ids = tokenizer.encode('{"name": "a", "arguments": {"x": 1}}')
+    for i in range(len(ids)):
+        assert mask(ids[:i])[ids[i]], tokenizer.decode(ids[:i + 1])
+    assert set(torch.nonzero(mask(ids)).flatten().tolist()) <= set(tokenizer.eog_ids)
