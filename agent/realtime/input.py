@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 
 from agent.audio import OpusPacketDecoder, RawStreamDecoder
-from agent.audio.vad import SpeechStarted, SpeechStopped, VadEvent, VadOptions, VadStream
+from agent.audio.vad import (
+    FRAME,
+    SpeechStarted,
+    SpeechStopped,
+    VadEvent,
+    VadOptions,
+    VadStream,
+)
 from agent.errors import AudioError
 from agent.realtime.protocol import RealtimeError
 from agent.realtime.session_config import AudioFormat, TurnDetection
@@ -54,6 +61,20 @@ class InputAudio:
             silence_duration_ms=turn.silence_duration_ms))
         if self.vad is not None:
             self.vad.position = self.position  # its offsets continue the session's
+
+    @property
+    def voiced_until(self) -> int | None:
+        """The end of the last voiced frame of the speech in progress (None when nobody
+        speaks): how long someone has spoken, not counting the pause after it."""
+        if self.speaking_since is None or self.vad is None:
+            return None
+        threshold = min(max(self.vad.options.threshold, 0.05), 0.99)  # as the VAD clamps it
+        for at, probability in reversed(self.vad.history):
+            if at < self.speaking_since:
+                break
+            if probability >= threshold:
+                return at + FRAME
+        return self.speaking_since
 
     @property
     def buffered_ms(self) -> int:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,7 @@ from agent.realtime.session_config import SessionConfig, to_response_object
 if TYPE_CHECKING:
     from agent.realtime.session import Session
 
+log = logging.getLogger(__name__)
 # Bytes per millisecond of each output format (mono): pcm16 at 24 kHz, G.711 at 8 kHz.
 BYTES_PER_MS = {"pcm16": 48, "pcmu": 8, "pcma": 8}
 DELTA_MS = 100  # 4,800 bytes of pcm16: a multiple of 3, so base64 pieces join cleanly
@@ -98,7 +101,11 @@ def chat_request(session: Session, config: SessionConfig, messages: list[dict[st
         if audio and config.audio_output else None,
         stream=True, include_usage=False, n=1, temperature=config.temperature, top_p=1.0,
         seed=None, stop=[], max_tokens=max_tokens, tools=session.chat_tools(config),
-        tool_choice=config.tool_choice, parallel_tool_calls=True)
+        # One call per response, as gpt-realtime makes them (OpenAI offers parallel calls
+        # to reasoning models only; the session accepts and ignores the flag). Given the
+        # choice, a small model repeats calls with varied arguments until max_output_tokens,
+        # and a response cut short runs none of its server tools.
+        tool_choice=config.tool_choice, parallel_tool_calls=False)
 
 
 async def prefill_conversation(session: Session) -> None:
@@ -122,6 +129,12 @@ class ResponseWriter:
         self.config = run.config
 
     async def __call__(self) -> None:
+        try:
+            await self._respond()
+        finally:  # whatever happened, the session is free for the next response
+            self.session.response_finished(self.run)
+
+    async def _respond(self) -> None:
         run = self.run
         await self._emit("response.created", response=self._response_object())
         await self._emit("rate_limits.updated", rate_limits=self.session.rate_limits())
@@ -130,21 +143,24 @@ class ResponseWriter:
             run.status = "incomplete" if run.status == "length" else "completed"
         except asyncio.CancelledError:
             run.status = "cancelled"
-            await asyncio.shield(self._close_items(cancelled=True))
+            await asyncio.shield(self._close_items("incomplete", cut_to_heard=True))
             await asyncio.shield(self._done())
             return
         except Exception as exc:
+            log.exception("response %s failed", run.id)
             run.status = "failed"
-            await self._close_items(cancelled=True)
+            with contextlib.suppress(Exception):  # the store may be what failed
+                await self._close_items("incomplete")
             await self._done(error=exc)
-            raise
-        await self._close_items(cancelled=False)
+            return
+        await self._close_items("incomplete" if run.status == "incomplete" else "completed")
         await self._done()
 
     # -- generation -------------------------------------------------------------------------
 
     async def _generate(self) -> None:
         session, config = self.session, self.config
+        await session.transcripts_ready()
         messages = self.session.context_messages(self.run, config)
         request = chat_request(session, config, messages)
         plan = await plan_completion(request, messages, session.runtime,
@@ -167,10 +183,12 @@ class ResponseWriter:
     async def _start_message(self) -> dict[str, Any]:
         run = self.run
         if run.message is None:
-            kind = "output_audio" if self.config.audio_output else "output_text"
+            # The part is there from the start, empty, as the schema has it (a part of
+            # its kind always carries its transcript or text).
+            part = {"type": "output_audio", "transcript": ""} if self.config.audio_output \
+                else {"type": "output_text", "text": ""}
             run.message = {"id": new_item_id(), "object": "realtime.item", "type": "message",
-                           "status": "in_progress", "role": "assistant",
-                           "content": [{"type": kind}]}
+                           "status": "in_progress", "role": "assistant", "content": [part]}
             run.output.append(run.message)
             await self._item_added(run.message)
             await self._emit("response.content_part.added", **self._where(run.message),
@@ -231,12 +249,13 @@ class ResponseWriter:
 
     # -- closing ----------------------------------------------------------------------------
 
-    async def _close_items(self, *, cancelled: bool) -> None:
+    async def _close_items(self, status: str, *, cut_to_heard: bool = False) -> None:
+        """Close the output items with `status`; a cancelled reply keeps only the words
+        the listener can have heard."""
         run = self.run
-        status = "incomplete" if cancelled else "completed"
         if run.message is not None:
             text = run.text
-            if cancelled and self.config.audio_output:
+            if cut_to_heard and self.config.audio_output:
                 heard = run.heard_ms()
                 text = truncate_transcript(run.text, heard, run.audio_ms)
                 del run.audio[heard * BYTES_PER_MS.get(self.config.output_format.kind, 48):]
@@ -284,7 +303,6 @@ class ResponseWriter:
                                                    "code": "response_failed",
                                                    "message": str(error or "failed")}}
         await self._emit("response.done", response=self._response_object(details))
-        self.session.response_finished(run)
 
     # -- event helpers ------------------------------------------------------------------------
 

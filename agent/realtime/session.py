@@ -25,6 +25,7 @@ from typing import Any
 
 from agent.audio import encode_audio
 from agent.audio.vad import SpeechPaused, SpeechStarted, SpeechStopped, VadEvent
+from agent.chat.server_tools import MAX_TOOL_ROUNDS
 from agent.dispatch import CallContext, ToolCall, function_call_output_item
 from agent.dispatch.confirmation import confirmed_in_chat
 from agent.errors import ParleyError, client_error
@@ -81,6 +82,7 @@ class Session:
         self.response: ResponseRun | None = None
         self._response_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._transcribing: set[asyncio.Future] = set()  # committed turns not yet in words
         self._user_item: str | None = None      # the item the speech in progress becomes
         self._barged = False                    # this turn has interrupted the response
         self._turn_times: dict[str, float] = {}
@@ -145,7 +147,10 @@ class Session:
         self.conversation.session = self._session_object()
         await self.conversation.save()
         await self.send(server_event("session.updated", session=self._session_object()))
-        if (self.config.instructions, self.config.tools) != (old.instructions, old.tools):
+        # What the prompt holds: instructions, and the tools described in it (the server's
+        # tools are there once `parley.server_tools` turns them on).
+        if (self.config.instructions, self.config.tools, self.config.server_tools) != \
+                (old.instructions, old.tools, old.server_tools):
             self._prefill()
 
     def _session_object(self) -> dict[str, Any]:
@@ -177,11 +182,12 @@ class Session:
     async def _maybe_barge_in(self) -> None:
         """Cut the response short once the user has spoken long enough to mean it."""
         turn = self.config.turn_detection
-        since = self.input.speaking_since
-        if (self.response is None or since is None or self._barged or turn is None
-                or not turn.interrupt_response):
+        since, voiced_until = self.input.speaking_since, self.input.voiced_until
+        if (self.response is None or since is None or voiced_until is None or self._barged
+                or turn is None or not turn.interrupt_response):
             return
-        if (self.input.position - since) * 1000 >= self.config.backchannel_ms * RATE:
+        # Voiced time, not time since the onset: the pause after an "uh-huh" is no speech.
+        if (voiced_until - since) * 1000 >= self.config.backchannel_ms * RATE:
             self._barged = True
             await self.cancel_response("turn_detected")
 
@@ -239,7 +245,17 @@ class Session:
         await self.send(server_event("conversation.item.added", previous_item_id=previous,
                                      item=item))
         self.state = "listening"
-        self._spawn(self._transcribe(item, audio, turn, speech_end, manual))
+        task = self._spawn(self._transcribe(item, audio, turn, speech_end, manual))
+        self._transcribing.add(task)
+        task.add_done_callback(self._transcribing.discard)
+
+    async def transcripts_ready(self) -> None:
+        """Wait until every committed user turn has its transcript: a response reads the
+        conversation as words, and a turn still being transcribed would be missing from it
+        (a manual commit followed at once by response.create)."""
+        pending = [t for t in self._transcribing if t is not asyncio.current_task()]
+        if pending:
+            await asyncio.wait(pending)  # cancelling the response leaves them running
 
     async def _transcribe(self, item: dict[str, Any], audio: Any, turn: Any,
                           speech_end: int | None, manual: bool) -> None:
@@ -460,7 +476,25 @@ class Session:
             await self.send(server_event("conversation.item.done", previous_item_id=previous,
                                          item=item))
         if self.response is None and self.input.speaking_since is None:
-            await self.start_response(None)
+            await self.start_response(self._follow_up_params())
+
+    def _follow_up_params(self) -> dict[str, Any] | None:
+        """The response that answers from server tool results, as chat's server tools
+        have it: after a forced call the model chooses freely, and once it repeats a call
+        or has made MAX_TOOL_ROUNDS calls since the user spoke it answers in words (a
+        session whose tool_choice forces a call would otherwise loop call → result → call)."""
+        calls = []
+        for item in reversed(self.conversation.items):
+            if item.get("type") == "message" and item.get("role") == "user":
+                break
+            if item.get("type") == "function_call":
+                calls.append(ToolCall(item["call_id"], item["name"],
+                                      item["arguments"]).fingerprint())
+        if len(set(calls)) < len(calls) or len(calls) >= MAX_TOOL_ROUNDS:
+            return {"tool_choice": "none"}
+        forced = self.config.tool_choice == "required" or isinstance(self.config.tool_choice,
+                                                                      dict)
+        return {"tool_choice": "auto"} if forced else None
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -486,10 +520,11 @@ class Session:
                                      item_id=run.message["id"] if run.message else None,
                                      stages_ms=stages, **fields))
 
-    def _spawn(self, work: Awaitable[Any]) -> None:
+    def _spawn(self, work: Awaitable[Any]) -> asyncio.Future:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._reap)
+        return task
 
     def _reap(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
