@@ -56,6 +56,13 @@ STRESS_TEMPERATURES = (0.7, 1.2)
 SESSION = "bench-tools"
 
 
+def _is_call(text: str) -> bool:
+    """A reply under the grammar is a call when it opens with a tag or a bare JSON call."""
+    from agent.decoder.grammar import CALL_OPEN
+
+    return CALL_OPEN in text or text.lstrip().startswith("{")
+
+
 def offered_tools() -> list[dict[str, Any]]:
     """The built-in backends' tools as a dispatcher offers them (every group, the bundled
     knowledge base), opened on throw-away storage."""
@@ -152,7 +159,6 @@ class ToolBench:
                        text_cap: int | None = None) -> Generation:
         """One reply; with `text_cap`, a reply that is text (not a call) stops after that
         many tokens: it is scored by its first token, and a rambling one costs minutes."""
-        from agent.decoder.grammar import CALL_OPEN
         from agent.decoder.scheduler import GenerationRequest
 
         first = last = 0.0
@@ -169,7 +175,7 @@ class ToolBench:
                 if delta.finish_reason is not None:
                     finish = delta.finish_reason
                     tokens = delta.usage.completion_tokens if delta.usage else tokens
-                elif text_cap and tokens >= text_cap and CALL_OPEN not in "".join(parts):
+                elif text_cap and tokens >= text_cap and not _is_call("".join(parts)):
                     finish = "capped"
                     break
         finally:
@@ -180,7 +186,11 @@ class ToolBench:
                        seed: int | None = None, *, parallel: bool = True,
                        max_tokens: int = MAX_TOKENS) -> tuple[CaseRun, float]:
         """The case under the grammar, and the grammar's build time."""
-        from agent.decoder.grammar import CALL_OPEN, ToolCallGrammar, parse_tool_calls
+        from agent.decoder.grammar import (
+            CALL_OPEN,
+            ToolCallGrammar,
+            parse_tool_calls,
+        )
 
         request = self.request(case, choice, temperature, seed, parallel)
         prompt = await asyncio.to_thread(self.prompt, request)
@@ -195,8 +205,9 @@ class ToolBench:
         _, parsed = parse_tool_calls(generation.text)
         calls = [(c.name, json.loads(c.arguments)) for c in parsed]
         invalid = [self.problem(name, args) for name, args in calls]
-        opened = generation.text.count(CALL_OPEN)
-        cut_off = generation.finish == "length" and opened > generation.text.count("</tool_call>")
+        text = generation.text
+        cut_off = generation.finish == "length" and (
+            text.count(CALL_OPEN) > text.count("</tool_call>") or text.lstrip().startswith("{"))
         return (CaseRun(case, generation, calls, [p for p in invalid if p], cut_off,
                         len(prompt), mask.seconds), build_s)
 
