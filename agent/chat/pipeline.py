@@ -32,6 +32,7 @@ from agent.decoder.grammar import (
     parse_tool_calls,
 )
 from agent.decoder.scheduler import GenerationRequest
+from agent.dispatch.types import ToolCall  # what the model called; the dispatcher runs it
 from agent.errors import InvalidRequestError
 from agent.runtime import Runtime
 
@@ -69,13 +70,6 @@ class ChoiceDone:
 class ToolCallDelta:
     choice: int
     fragment: CallFragment
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    id: str
-    name: str
-    arguments: str  # JSON text
 
 
 Event = TextDelta | AudioData | ToolCallDelta | ChoiceDone

@@ -119,7 +119,7 @@ async def run_with_server_tools(first: Plan, messages: list[dict[str, Any]],
         spent.add(done)
         ours = [c for c in done.tool_calls if c.name in server.names]
         theirs = tuple(c for c in done.tool_calls if c.name not in server.names)
-        fresh = [c for c in ours if _fingerprint(c) not in ran]
+        fresh = [c for c in ours if c.fingerprint() not in ran]
         if done.finish_reason == "length" or not ours or theirs or round_no == MAX_TOOL_ROUNDS:
             if fresh and done.finish_reason != "length":  # a call cut short is not run
                 added = await _execute(fresh, server)
@@ -128,7 +128,7 @@ async def run_with_server_tools(first: Plan, messages: list[dict[str, Any]],
             return
         if fresh:
             added = await _execute(fresh, server)
-            ran.update(map(_fingerprint, fresh))
+            ran.update(c.fingerprint() for c in fresh)
             conversation += added
             yield ToolsRan(tuple(added))
         # The model answers in words once it has nothing new to run (a small model may
@@ -139,16 +139,11 @@ async def run_with_server_tools(first: Plan, messages: list[dict[str, Any]],
         plan = None
 
 
-def _fingerprint(call: Any) -> str:
-    return ToolCall(call.id, call.name, call.arguments).fingerprint()
-
-
-async def _execute(calls: list, server: ServerTools) -> list[dict[str, Any]]:
+async def _execute(calls: list[ToolCall], server: ServerTools) -> list[dict[str, Any]]:
     """Run the calls (concurrently: they are independent) and return the messages that
     record them: the assistant's calls, then one tool message per result."""
     results = await asyncio.gather(*(
-        server.dispatcher.execute(ToolCall(c.id, c.name, c.arguments), server.context)
-        for c in calls))
+        server.dispatcher.execute(call, server.context) for call in calls))
     assistant = {"role": "assistant", "content": None, "tool_calls": [
         {"id": c.id, "type": "function",
          "function": {"name": c.name, "arguments": c.arguments}} for c in calls]}

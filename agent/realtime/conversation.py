@@ -9,8 +9,6 @@ the conversation id finds everything that happened up to the moment the link bro
 
 from __future__ import annotations
 
-import copy
-import json
 from typing import Any
 
 from agent.realtime.protocol import RealtimeError
@@ -86,17 +84,10 @@ class Conversation:
         await self.save()
         return self.previous_id(item["id"])
 
-    async def update(self, item: dict[str, Any]) -> None:
-        """Write through a change made to an item in place (a transcript, a status)."""
-        await self.save()
-
     async def delete(self, item_id: str, *, event_id: str | None = None) -> None:
         self.items.remove(self.get(item_id, event_id=event_id))
         await self.save()
         await self.store.delete(AUDIO_KIND, item_id)
-
-    def snapshot(self, item: dict[str, Any]) -> dict[str, Any]:
-        return copy.deepcopy(item)
 
     # -- what the model reads -------------------------------------------------------------
 
@@ -143,6 +134,3 @@ def truncate_transcript(text: str, kept_ms: int, total_ms: int) -> str:
     words = text.split()
     return " ".join(words[: round(len(words) * max(kept_ms, 0) / total_ms)])
 
-
-def dumps(item: dict[str, Any]) -> str:
-    return json.dumps(item, ensure_ascii=False)

@@ -67,7 +67,7 @@ async def _open_session(websocket: WebSocket, runtime: Runtime, credentials) -> 
     # A client secret fixes the model it was made for; the SDK always sends `model` too.
     model = (credentials.session or {}).get("model") or websocket.query_params.get("model") \
         or DEFAULT_MODEL
-    resolve_model(model, settings, "chat")  # an unknown id is refused before accepting
+    served = resolve_model(model, settings, "chat")  # an unknown id is refused before accepting
     config = default_session(settings, model)
     if credentials.session:
         config = apply_update(config, credentials.session)
@@ -80,7 +80,7 @@ async def _open_session(websocket: WebSocket, runtime: Runtime, credentials) -> 
         conversation = Conversation(new_conversation_id(), runtime.store, ttl)
     vad, asr, dispatcher = await asyncio.gather(runtime.vad(), runtime.asr(),
                                                 runtime.dispatcher())
-    await runtime.scheduler(resolve_model(model, settings, "chat").target)
+    await runtime.scheduler(served.target)
     if config.audio_output:
         await runtime.tts()
     return Session(runtime, config, conversation, beta=credentials.beta,

@@ -36,7 +36,6 @@ from agent.chat.pipeline import (
     run_completion,
 )
 from agent.chat.request import AudioOutput, ChatRequest
-from agent.model_ids import resolve_model
 from agent.realtime.conversation import truncate_transcript
 from agent.realtime.protocol import new_item_id, server_event
 from agent.realtime.session_config import SessionConfig, to_response_object
@@ -96,7 +95,7 @@ def chat_request(session: Session, config: SessionConfig, messages: list[dict[st
     if max_tokens is None and config.max_output_tokens != "inf":
         max_tokens = int(config.max_output_tokens)
     return ChatRequest(
-        model=resolve_model(session.model, session.settings, "chat"), messages=messages,
+        model=session.served, messages=messages,
         audio=AudioOutput(config.voice, config.output_format.codec, config.speed)
         if audio and config.audio_output else None,
         stream=True, include_usage=False, n=1, temperature=config.temperature, top_p=1.0,
@@ -161,7 +160,7 @@ class ResponseWriter:
     async def _generate(self) -> None:
         session, config = self.session, self.config
         await session.transcripts_ready()
-        messages = self.session.context_messages(self.run, config)
+        messages = session.conversation.messages(config.instructions)
         request = chat_request(session, config, messages)
         plan = await plan_completion(request, messages, session.runtime,
                                      session_id=session.decoder_session)
@@ -311,12 +310,14 @@ class ResponseWriter:
         return to_response_object(
             self.config, response_id=run.id, status=run.status
             if run.status in ("completed", "cancelled", "failed", "incomplete")
-            else "in_progress", output=[self._without_audio(i) for i in run.output],
+            else "in_progress", output=[self._snapshot(i) for i in run.output],
             conversation_id=self.session.conversation.id if run.in_conversation else None,
             status_details=details, usage=run.usage, metadata=run.metadata)
 
     @staticmethod
-    def _without_audio(item: dict[str, Any]) -> dict[str, Any]:
+    def _snapshot(item: dict[str, Any]) -> dict[str, Any]:
+        """The item as it is now: events wait in the send queue while the response goes
+        on changing the item (status, content), so each event carries its own copy."""
         return {**item, "content": [dict(p) for p in item["content"]]} if "content" in item \
             else dict(item)
 
@@ -332,20 +333,20 @@ class ResponseWriter:
     async def _item_added(self, item: dict[str, Any]) -> None:
         index = self.run.output.index(item)
         await self._emit("response.output_item.added", response_id=self.run.id,
-                         output_index=index, item=self._without_audio(item))
+                         output_index=index, item=self._snapshot(item))
         if self.run.in_conversation:
             previous = await self.session.conversation.add(item)
             await self._emit("conversation.item.added", previous_item_id=previous,
-                             item=self._without_audio(item))
+                             item=self._snapshot(item))
 
     async def _item_done(self, item: dict[str, Any], index: int) -> None:
         await self._emit("response.output_item.done", response_id=self.run.id,
-                         output_index=index, item=self._without_audio(item))
+                         output_index=index, item=self._snapshot(item))
         if self.run.in_conversation:
             await self.session.conversation.save()
             await self._emit("conversation.item.done",
                              previous_item_id=self.session.conversation.previous_id(item["id"]),
-                             item=self._without_audio(item))
+                             item=self._snapshot(item))
 
     async def _emit(self, event_type: str, **fields: Any) -> None:
         await self.session.send(server_event(event_type, **fields))

@@ -26,9 +26,10 @@ from typing import Any
 from agent.audio import encode_audio
 from agent.audio.vad import SpeechPaused, SpeechStarted, SpeechStopped, VadEvent
 from agent.chat.server_tools import MAX_TOOL_ROUNDS
-from agent.dispatch import CallContext, ToolCall, function_call_output_item
+from agent.dispatch import CallContext, call_from_item, function_call_output_item
 from agent.dispatch.confirmation import confirmed_in_chat
 from agent.errors import ParleyError, client_error
+from agent.model_ids import resolve_model
 from agent.realtime.conversation import Conversation, truncate_transcript
 from agent.realtime.input import RATE, InputAudio
 from agent.realtime.protocol import (
@@ -67,6 +68,7 @@ class Session:
         self.settings = runtime.settings
         self.config = config
         self.model = config.model
+        self.served = resolve_model(config.model, self.settings, "chat")
         self.conversation = conversation
         self.beta = beta
         self.api_key = api_key
@@ -126,13 +128,8 @@ class Session:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.input.aclose()
         with contextlib.suppress(Exception):
-            scheduler = await self.runtime.scheduler(self.runtime_model())
+            scheduler = await self.runtime.scheduler(self.served.target)
             await scheduler.release(self.decoder_session)
-
-    def runtime_model(self) -> str:
-        from agent.model_ids import resolve_model
-
-        return resolve_model(self.model, self.settings, "chat").target
 
     # -- session ------------------------------------------------------------------------------
 
@@ -465,8 +462,7 @@ class Session:
         A call that started runs to the end and is recorded even if the user interrupts."""
         context = self._call_context()
         results = await asyncio.gather(*(
-            self.dispatcher.execute(ToolCall(c["call_id"], c["name"], c["arguments"]), context)
-            for c in calls))
+            self.dispatcher.execute(call_from_item(c), context) for c in calls))
         for result in results:
             item = {"id": new_item_id(), "object": "realtime.item", "status": "completed",
                     **function_call_output_item(result)}
@@ -488,8 +484,7 @@ class Session:
             if item.get("type") == "message" and item.get("role") == "user":
                 break
             if item.get("type") == "function_call":
-                calls.append(ToolCall(item["call_id"], item["name"],
-                                      item["arguments"]).fingerprint())
+                calls.append(call_from_item(item).fingerprint())
         if len(set(calls)) < len(calls) or len(calls) >= MAX_TOOL_ROUNDS:
             return {"tool_choice": "none"}
         forced = self.config.tool_choice == "required" or isinstance(self.config.tool_choice,
@@ -504,9 +499,6 @@ class Session:
         turn prefills only the new words."""
         if self.response is None:
             self._spawn(prefill_conversation(self))
-
-    def context_messages(self, run: ResponseRun, config: SessionConfig) -> list[dict[str, Any]]:
-        return self.conversation.messages(config.instructions)
 
     async def _latency_event(self, run: ResponseRun) -> None:
         started = self._turn_times.pop(run.id, None)
