@@ -82,6 +82,10 @@ def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         from agent.bench.tools import bench_tools
 
         return bench_tools(settings, args)
+    if args.what == "kernels":
+        from agent.bench.kernels import run
+
+        return run()
     if args.what == "realtime":
         from agent.bench.realtime import bench_realtime
 
@@ -131,12 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--backend", default=None,
-                   help="auto, cpu, triton, reference, fp32 (default: llm_backend setting)")
+                   help="auto, cpu, reference, fp32 (default: llm_backend setting)")
     p.add_argument("--raw", action="store_true", help="no chat template")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("bench", help="benchmarks whose tables go in the README")
-    p.add_argument("what", choices=["speech", "decoder", "chat", "tools", "realtime"])
+    p.add_argument("what", choices=["speech", "decoder", "kernels", "chat", "tools", "realtime"])
     p.add_argument("--model", help="decoder, tools: model name or .gguf path")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--backend", default=None,

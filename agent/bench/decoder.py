@@ -154,12 +154,11 @@ def _use_kernel_threads(settings: Settings, threads: int) -> None:
     descheduled one stalls each op for a time slice (decode fell to ~2 tok/s with 2 torch
     threads while other work ran here). The decode step's torch ops are tiny anyway.
     """
-    from agent.decoder.kernels import auto_backend_name, get_backend
+    from agent.decoder.kernels import get_backend
 
-    if auto_backend_name() == "cpu":
-        backend = get_backend("cpu", settings.cache_dir)
-        backend.set_threads(threads)  # type: ignore[attr-defined]
-        torch.set_num_threads(1)
+    backend = get_backend("cpu", settings.cache_dir)
+    backend.set_threads(threads)  # type: ignore[attr-defined]
+    torch.set_num_threads(1)
 
 
 # --- llama.cpp ----------------------------------------------------------------------------

@@ -3,8 +3,9 @@
     engine = load_engine("smollm2", settings=settings, backend="auto")
 
 `backend` is explicit, never guessed from a file name:
-    "auto"       the kernel registry's choice (Triton on CUDA, the fast CPU path otherwise)
-    "cpu" | "triton" | "reference"   NF4 linears on that kernel backend
+    "auto"       the kernel registry's choice (the fast CPU path: the model runs on the CPU)
+    "cpu" | "reference"   NF4 linears on that kernel backend ("triton" is refused: its
+                 kernels want CUDA activations, see agent/decoder/kernels/__init__.py)
     "fp32"       no quantisation: the dequantised GGUF weights in nn.Linear (ground truth)
 
 The NF4 weights are cached in the model cache (quantize.py keys the file by the GGUF's
@@ -130,6 +131,9 @@ def _quantise(model: Transformer, backend: str, settings: Settings, gguf: Path,
     from agent.decoder.quantize import nf4_cache_path, quantize_model
 
     name = auto_backend_name() if backend == "auto" else backend
+    if name == "triton":
+        raise ConfigError("the decoder runs on the CPU and the Triton kernels on CUDA: use "
+                          "the cpu backend (`parley bench kernels` measures the Triton ones)")
     kernel = get_backend(name, Path(settings.cache_dir))
     use_threads = getattr(kernel, "use_threads", None)
     if use_threads is not None:  # before the kernels first run: their pool is sized once

@@ -25,7 +25,12 @@ from agent.decoder.kernels.reference import reference_linear, reference_swiglu
 
 if "agent.decoder.kernels.triton_nf4" in sys.modules:  # imported before without the flag
     importlib.reload(sys.modules["agent.decoder.kernels.triton_nf4"])
-from agent.decoder.kernels.triton_nf4 import TritonBackend
+from agent.decoder.kernels.triton_nf4 import (
+    Strategy,
+    TritonBackend,
+    codebook_table,
+    dequantise,
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +88,26 @@ def test_bind_and_empty_batch(triton_backend: TritonBackend) -> None:
     x = torch.randn(2, 64)
     assert torch.equal(triton_backend.bind(w)(x), triton_backend.linear(x, w))
     assert triton_backend.linear(torch.zeros(0, 64), w).shape == (0, 8)
+
+
+@pytest.mark.parametrize("strategy", [
+    Strategy(decode="dot", prefill="fused", codebook="select"),
+    Strategy(decode="gemv", prefill="dequant", codebook="table"),
+    Strategy(decode="dequant", prefill="fused", codebook="pairs"),
+])
+def test_every_strategy_matches_the_reference(strategy: Strategy) -> None:
+    backend = TritonBackend("cpu", strategy)
+    torch.manual_seed(5)
+    w = nf4.quantise(torch.randn(33, 100), torch.randn(33))
+    for m in (1, 5, 16, 21):  # GEMV, 2-16 rows, the 16-row edge, prefill
+        check(backend, torch.randn(m, 100), w)
+
+
+@pytest.mark.parametrize("codebook", ["pairs", "select", "table"])
+def test_dequantise_kernel_equals_the_reference(codebook: str) -> None:
+    torch.manual_seed(6)
+    w = nf4.quantise(torch.randn(19, 130))  # ragged rows and a padded last block
+    got = dequantise(TritonBackend("cpu").prepare(w), codebook_table(codebook, "cpu"),
+                     torch.float32, codebook)
+    assert got.shape == (19, 130)
+    assert torch.equal(got, nf4.dequantise(w))

@@ -11,8 +11,9 @@ Backends, by name:
     "reference"  dequantise, then a float32 matmul in PyTorch: the ground truth for tests.
     "cpu"        a C++ extension (AVX2/FMA/F16C, int8 dot products, fused dequantisation),
                  compiled once into the model cache; plain PyTorch when it cannot be built.
-    "triton"     Triton kernels for CUDA: a dequant-fused GEMV (1-16 rows), a GEMM above.
-    "auto"       "triton" when CUDA and Triton are present, otherwise "cpu".
+    "triton"     Triton kernels for CUDA (triton_nf4.py: a dequant-fused GEMV for one row,
+                 dequantise + cuBLAS above); the decoder's model does not run on CUDA yet.
+    "auto"       "cpu".
 
 Outputs have x's dtype; every backend accumulates in float32.
 
@@ -52,15 +53,12 @@ _loaded: dict[str, Backend] = {}
 
 
 def auto_backend_name() -> str:
-    """The backend "auto" stands for on this machine."""
-    import torch
+    """The backend "auto" stands for: "cpu", because the decoder's model runs on the CPU.
 
-    if torch.cuda.is_available():
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "cpu"
-        return "triton"
+    The Triton kernels need their activations on CUDA; until the model (embeddings, norms,
+    attention, KV cache) runs there too, they are used and measured on their own
+    (`parley bench kernels`).
+    """
     return "cpu"
 
 
