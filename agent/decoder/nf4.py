@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from agent.decoder.q8 import Q8Weight
 from agent.errors import ConfigError
 
 BLOCK = 64  # weights per scale
@@ -224,12 +225,14 @@ def error_bound(weight: Tensor, w: NF4Weight) -> Tensor:
     return bound[..., None].expand(n, -1, BLOCK).reshape(n, -1)[:, :k]
 
 
-def save(path: Path, weights: dict[str, NF4Weight], extra: dict[str, Tensor] | None = None,
-         meta: dict[str, str] | None = None) -> None:
-    """Write quantised weights (plus any float tensors) to one file, atomically."""
+def save(path: Path, weights: dict[str, NF4Weight | Q8Weight],
+         extra: dict[str, Tensor] | None = None, meta: dict[str, str] | None = None) -> None:
+    """Write quantised weights (NF4, or 8-bit for a head) plus float tensors, atomically."""
     payload: dict[str, object] = {"format_version": FORMAT_VERSION, "meta": dict(meta or {})}
     payload["nf4"] = {
-        name: {**w.tensors(), "shape": list(w.shape)} for name, w in weights.items()
+        name: {**w.tensors(), "shape": list(w.shape),
+               "kind": "q8" if isinstance(w, Q8Weight) else "nf4"}
+        for name, w in weights.items()
     }
     payload["extra"] = dict(extra or {})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +242,7 @@ def save(path: Path, weights: dict[str, NF4Weight], extra: dict[str, Tensor] | N
 
 
 def load(path: Path, meta: dict[str, str] | None = None,
-         ) -> tuple[dict[str, NF4Weight], dict[str, Tensor]] | None:
+         ) -> tuple[dict[str, NF4Weight | Q8Weight], dict[str, Tensor]] | None:
     """Read a file written by `save`; None when it is missing, stale or unreadable."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -249,10 +252,11 @@ def load(path: Path, meta: dict[str, str] | None = None,
         return None
     if meta is not None and payload.get("meta") != meta:
         return None
-    weights = {}
+    weights: dict[str, NF4Weight | Q8Weight] = {}
     for name, entry in payload["nf4"].items():
         entry = dict(entry)
         shape = tuple(entry.pop("shape"))
-        weights[name] = NF4Weight(shape=(int(shape[0]), int(shape[1])), **entry)
+        kind = Q8Weight if entry.pop("kind", "nf4") == "q8" else NF4Weight
+        weights[name] = kind(shape=(int(shape[0]), int(shape[1])), **entry)
     return weights, dict(payload["extra"])
 

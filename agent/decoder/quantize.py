@@ -8,8 +8,9 @@ RMSNorm modules become `KernelRMSNorm` where the backend has a one-call norm (th
 extension). The maths is the model's own in every case.
 
 The embedding table is not quantised: a decode step reads one row of it, so it costs no
-bandwidth. The output head IS quantised even when tied to the embedding: with SmolLM2's
-49152 x 576 vocabulary it is the largest matrix a decode step reads (a fifth of the bytes).
+bandwidth. The output head IS quantised even when tied to the embedding (with SmolLM2's
+49152 x 576 vocabulary it is the largest matrix a decode step reads), but to 8 bits, not
+NF4: see agent/decoder/q8.py for the emoji-only replies NF4 caused there.
 
 Quantised weights are cached on disk (`nf4_cache_path`, keyed by the GGUF's sha256 and
 the NF4 format version); a second start loads them memory-mapped in well under a second,
@@ -24,17 +25,21 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from agent.decoder import nf4
+from agent.decoder import nf4, q8
 from agent.decoder.kernels import Backend, get_backend
 from agent.decoder.nf4 import NF4Weight
+from agent.decoder.q8 import Q8Weight
 from agent.errors import ConfigError
 from agent.progress import step_bar
 
+HEAD = "output"  # the output head's module name in model.Transformer
+HEAD_FORMATS = ("q8", "nf4")
+
 
 class NF4Linear(nn.Module):
-    """y = x @ W.T (+ b) with W in NF4; the backend's kernel does the work."""
+    """y = x @ W.T (+ b) with W in NF4 (8-bit for the head); the backend's kernel does it."""
 
-    def __init__(self, weight: NF4Weight, backend: Backend):
+    def __init__(self, weight: NF4Weight | Q8Weight, backend: Backend):
         super().__init__()
         weight = backend.prepare(weight)
         self.out_features, self.in_features = weight.shape
@@ -96,10 +101,11 @@ def gguf_sha256(path: Path) -> str:
 
 
 def nf4_cache_path(cache_dir: Path, gguf_path: Path, double_quant: bool = False,
-                   scale_search: bool = True) -> Path:
+                   scale_search: bool = True, head: str = "q8") -> Path:
     """Where the NF4 weights of a GGUF file live: keyed by its sha256 and the format."""
     sha = gguf_sha256(gguf_path)[:16]
-    suffix = ("-dq" if double_quant else "") + ("-ss" if scale_search else "")
+    suffix = (("-dq" if double_quant else "") + ("-ss" if scale_search else "")
+              + ("-h8" if head == "q8" else ""))
     return (Path(cache_dir) / "nf4"
             / f"{gguf_path.stem}-{sha}-nf4v{nf4.FORMAT_VERSION}{suffix}.pt")
 
@@ -110,26 +116,30 @@ def linear_names(model: nn.Module) -> list[str]:
 
 
 def quantise_linears(model: nn.Module, names: list[str], double_quant: bool = False,
-                     scale_search: bool = True, progress: bool = True,
-                     ) -> dict[str, NF4Weight]:
-    """NF4 weights for the named linears (float weights must be materialised)."""
+                     scale_search: bool = True, progress: bool = True, head: str = "q8",
+                     ) -> dict[str, NF4Weight | Q8Weight]:
+    """NF4 weights for the named linears, 8-bit for the head with `head="q8"` (float
+    weights must be materialised)."""
     tick = step_bar(len(names), "NF4 quantisation") if progress else None
-    out: dict[str, NF4Weight] = {}
+    out: dict[str, NF4Weight | Q8Weight] = {}
     for name in names:
         linear = model.get_submodule(name)
         assert isinstance(linear, nn.Linear)
         if linear.weight.device.type == "meta":
             raise ConfigError(f"{name} has no weights to quantise (meta) and no NF4 cache")
         bias = linear.bias if linear.bias is not None else None
-        out[name] = nf4.quantise(linear.weight.data, bias, double_quant=double_quant,
-                                 scale_search=scale_search)
+        if name == HEAD and head == "q8":
+            out[name] = q8.quantise(linear.weight.data, bias)
+        else:
+            out[name] = nf4.quantise(linear.weight.data, bias, double_quant=double_quant,
+                                     scale_search=scale_search)
         if tick:
             tick(1)
     return out
 
 
 def cached_weights(cache_path: Path | None, model: nn.Module, names: list[str],
-                   options: dict[str, str]) -> dict[str, NF4Weight] | None:
+                   options: dict[str, str]) -> dict[str, NF4Weight | Q8Weight] | None:
     """The cached NF4 weights when the file holds exactly these linears, else None."""
     if cache_path is None or not Path(cache_path).is_file():
         return None
@@ -144,8 +154,11 @@ def cached_weights(cache_path: Path | None, model: nn.Module, names: list[str],
 
 def quantize_model(model: nn.Module, backend: Backend | str = "auto",
                    cache_path: Path | None = None, progress: bool = True,
-                   double_quant: bool = False, scale_search: bool = True) -> nn.Module:
+                   double_quant: bool = False, scale_search: bool = True,
+                   head: str = "q8") -> nn.Module:
     """Replace every nn.Linear of `model` with an NF4Linear on `backend`, in place.
+
+    The output head gets 8-bit weights unless `head="nf4"`.
 
     With `cache_path`, NF4 weights are read from that file when it matches the model (the
     linears may then be on the meta device) and written there otherwise; name the file with
@@ -154,11 +167,14 @@ def quantize_model(model: nn.Module, backend: Backend | str = "auto",
     """
     if isinstance(backend, str):
         backend = get_backend(backend)
+    if head not in HEAD_FORMATS:
+        raise ConfigError(f"unknown head format {head!r}; choose one of {HEAD_FORMATS}")
     names = linear_names(model)
-    options = {"double_quant": str(double_quant), "scale_search": str(scale_search)}
+    options = {"double_quant": str(double_quant), "scale_search": str(scale_search),
+               "head": head}
     weights = cached_weights(cache_path, model, names, options)
     if weights is None:
-        weights = quantise_linears(model, names, double_quant, scale_search, progress)
+        weights = quantise_linears(model, names, double_quant, scale_search, progress, head)
         if cache_path is not None:
             nf4.save(Path(cache_path), weights, meta=options)
     for name in names:
@@ -202,7 +218,8 @@ def _swap_norms(model: nn.Module, backend: Backend) -> None:
 
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of weights in memory: NF4 linears, float parameters (embedding, norms), total.
+    """Bytes of weights in memory: quantised linears (NF4 and the 8-bit head), float
+    parameters (embedding, norms), total.
 
     Tensors shared between modules (a tied embedding) are counted once; non-weight buffers
     (RoPE tables) are not counted.

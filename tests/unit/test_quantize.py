@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from agent.decoder import nf4
+from agent.decoder import nf4, q8
 from agent.decoder.kernels import get_backend
 from agent.decoder.model import ModelArgs, RMSNorm, Transformer
 from agent.decoder.quantize import (
@@ -58,8 +58,10 @@ def test_swap_keeps_the_models_maths() -> None:
     """On the reference backend the swapped model is the float model on dequantised weights."""
     float_model = tiny_model()
     with torch.no_grad():
-        for mod in float_model.modules():
-            if isinstance(mod, nn.Linear):
+        for name, mod in float_model.named_modules():
+            if isinstance(mod, nn.Linear) and name == "output":  # the 8-bit head
+                mod.weight.copy_(q8.dequantise(q8.quantise(mod.weight)))
+            elif isinstance(mod, nn.Linear):
                 mod.weight.copy_(nf4.dequantise(nf4.quantise(mod.weight, scale_search=True)))
     swapped = quantize_model(tiny_model(), "reference", progress=False)
     ids = list(range(5, 40))
@@ -103,10 +105,11 @@ def test_weight_bytes_counts_nf4_and_floats_once() -> None:
     counted = weight_bytes(model)
     d, f, v, layers = TINY.dim, TINY.intermediate_size, TINY.vocab_size, TINY.n_layer
     qkv = (TINY.n_head + 2 * TINY.n_kv_head) * TINY.head_dim
-    rows_by_k = {d: layers * (qkv + d + 2 * f) + v, f: layers * d}  # out rows per in size
+    rows_by_k = {d: layers * (qkv + d + 2 * f), f: layers * d}  # out rows per in size
     codes = sum(rows * k // 2 + rows * (k // 64) * 2 for k, rows in rows_by_k.items())
+    head = v * d + v * (d // 64) * 2  # int8 codes and float16 scales
     biases = layers * qkv * 4
-    assert counted["nf4"] == codes + biases
+    assert counted["nf4"] == codes + head + biases
     # Floats: the embedding (the tied head's float copy is not kept twice) and the norms.
     assert counted["float"] == (v * d + (2 * layers + 1) * d) * 4
     assert counted["total"] == counted["nf4"] + counted["float"]
@@ -170,12 +173,36 @@ def test_nf4_model_on_cpu_kernels_matches_nf4_reference(nf4_engines) -> None:
     assert torch.equal(ours.argmax(-1)[clear], best.indices[clear, 0])
 
 
-def test_nf4_memory_is_a_quarter_of_float(nf4_engines) -> None:
+def test_quantised_memory(nf4_engines) -> None:
+    """4.5 bits per weight in the body, 8.25 in the head (a quarter and a half of fp16...)."""
     fast, _ = nf4_engines
     counted = weight_bytes(fast.model)
-    linear_params = sum(m.out_features * m.in_features for m in fast.model.modules()
-                        if isinstance(m, NF4Linear))
-    assert counted["nf4"] < 0.55 * linear_params  # 4.25 bits per weight
+    params = {name: m.out_features * m.in_features for name, m in fast.model.named_modules()
+              if isinstance(m, NF4Linear)}
+    head = params.pop("output")
+    assert counted["nf4"] < 0.57 * sum(params.values()) + 1.04 * head
+
+
+# Support questions under a voice agent's instructions; emoji (and the partial UTF-8 bytes
+# that start one) at the first position. fp32 puts 0.1-1.4% of the mass there; the NF4 head
+# put 4-22%, and a sampled emoji-only reply had nothing to speak (see agent/decoder/q8.py).
+EMOJI_PROMPTS = ("Can I change the delivery address for my parcel?",
+                 "What time do your stores open on Saturday?",
+                 "How do I reset the password for my account?",
+                 "I was charged twice this month. Can you help me with that?")
+
+
+def test_quantised_model_keeps_emoji_as_unlikely_as_fp32(nf4_engines) -> None:
+    fast, _ = nf4_engines
+    tok = fast.tokenizer
+    emoji = torch.tensor([i for i in range(fast.args.vocab_size)
+                          if any(ord(c) >= 0x1F000 or c == "\ufffd" for c in tok.decode([i]))])
+    system = ("You are a customer support agent for an online shop. "
+              "Answer in one or two short spoken sentences.")
+    for question in EMOJI_PROMPTS:
+        ids = fast.encode_prompt(question, system=system)
+        first = logits(fast.model, ids)[-1].softmax(-1)
+        assert float(first[emoji].sum()) < 0.03, question
 
 
 def test_cpu_engine_threads_as_the_benchmark(nf4_engines, settings) -> None:

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from agent.decoder.kernels.reference import reference_linear, reference_swiglu
 from agent.decoder.nf4 import NF4Weight
+from agent.decoder.q8 import Q8Weight
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +168,12 @@ class CpuBackend:
     def simd(self) -> bool:
         return self._ext is not None and bool(self._ext.simd_enabled())
 
-    def prepare(self, w: NF4Weight) -> NF4Weight:
+    def prepare(self, w: NF4Weight | Q8Weight) -> NF4Weight | Q8Weight:
         """Float16 scales (double quantisation undone once), contiguous CPU tensors."""
+        if isinstance(w, Q8Weight):
+            return Q8Weight(qweight=w.qweight.cpu().contiguous(),
+                            scales=w.scales.to(torch.float16).cpu().contiguous(), shape=w.shape,
+                            bias=None if w.bias is None else w.bias.float().cpu().contiguous())
         scales = w.block_scales(torch.float16) if w.double_quantised else w.scales
         return NF4Weight(
             qweight=w.qweight.cpu().contiguous(),
@@ -177,11 +182,8 @@ class CpuBackend:
             bias=None if w.bias is None else w.bias.to(torch.float32).cpu().contiguous(),
         )
 
-    def linear(self, x: Tensor, w: NF4Weight) -> Tensor:
-        if self._ext is None:
-            return reference_linear(x, w)
-        w = self._ready(w)
-        return self._ext.linear(w.qweight, w.scales, w.bias, x)
+    def linear(self, x: Tensor, w: NF4Weight | Q8Weight) -> Tensor:
+        return self.bind(w)(x)
 
     def swiglu(self, x: Tensor, w: NF4Weight) -> Tensor:
         if self._ext is None:
@@ -189,12 +191,14 @@ class CpuBackend:
         w = self._ready(w)
         return self._ext.swiglu(w.qweight, w.scales, w.bias, x)
 
-    def bind(self, w: NF4Weight, swiglu: bool = False) -> Callable[[Tensor], Tensor]:
+    def bind(self, w: NF4Weight | Q8Weight, swiglu: bool = False) -> Callable[[Tensor], Tensor]:
         """One C++ call per use: the weight's tensors are bound here, not looked up per call."""
         if self._ext is None:
             fn = reference_swiglu if swiglu else reference_linear
             return partial(_swap_args, fn, w)
         w = self._ready(w)
+        if isinstance(w, Q8Weight):
+            return partial(self._ext.q8_linear, w.qweight, w.scales, w.bias)
         op = self._ext.swiglu if swiglu else self._ext.linear
         return partial(op, w.qweight, w.scales, w.bias)
 
@@ -229,8 +233,9 @@ class CpuBackend:
         torch.set_num_threads(1)
         return threads
 
-    def _ready(self, w: NF4Weight) -> NF4Weight:
-        ok = (not w.double_quantised and w.scales.dtype == torch.float16
+    def _ready(self, w: NF4Weight | Q8Weight) -> NF4Weight | Q8Weight:
+        ok = ((isinstance(w, Q8Weight) or not w.double_quantised)
+              and w.scales.dtype == torch.float16
               and w.qweight.is_contiguous() and w.scales.is_contiguous())
         return w if ok else self.prepare(w)
 

@@ -11,11 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from agent.decoder.nf4 import NF4Weight, dequantise
+from agent.decoder import nf4, q8
+from agent.decoder.nf4 import NF4Weight
+from agent.decoder.q8 import Q8Weight
 
 
-def reference_linear(x: Tensor, w: NF4Weight) -> Tensor:
-    weight = dequantise(w, torch.float32).to(x.device)  # [N, K]
+def dense(w: NF4Weight | Q8Weight) -> Tensor:
+    """The float32 matrix a quantised weight stands for."""
+    return q8.dequantise(w) if isinstance(w, Q8Weight) else nf4.dequantise(w, torch.float32)
+
+
+def reference_linear(x: Tensor, w: NF4Weight | Q8Weight) -> Tensor:
+    weight = dense(w).to(x.device)  # [N, K]
     y = x.to(torch.float32) @ weight.T  # [..., N]
     if w.bias is not None:
         y = y + w.bias.to(device=x.device, dtype=torch.float32)

@@ -34,7 +34,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from agent.decoder.kernels.reference import reference_linear
 from agent.decoder.nf4 import CODEBOOK, NF4Weight
+from agent.decoder.q8 import Q8Weight
 from agent.errors import ConfigError
 
 GEMV_MAX_ROWS = 16
@@ -383,8 +385,12 @@ class TritonBackend:
         self.device = torch.device(device)
         self.lut = codebook_table(strategy.codebook, self.device)
 
-    def prepare(self, w: NF4Weight) -> NF4Weight:
+    def prepare(self, w: NF4Weight | Q8Weight) -> NF4Weight | Q8Weight:
         """Tensors on the backend's device, float16 scales, float32 bias."""
+        if isinstance(w, Q8Weight):  # an 8-bit head: no kernel of its own here
+            return Q8Weight(qweight=w.qweight.to(self.device), scales=w.scales.to(self.device),
+                            shape=w.shape,
+                            bias=None if w.bias is None else w.bias.to(self.device))
         scales = w.block_scales(torch.float16) if w.double_quantised else w.scales
         return NF4Weight(
             qweight=w.qweight.to(self.device).contiguous(),
@@ -393,13 +399,15 @@ class TritonBackend:
             bias=None if w.bias is None else w.bias.to(self.device, torch.float32).contiguous(),
         )
 
-    def linear(self, x: Tensor, w: NF4Weight) -> Tensor:
-        return triton_linear(x, self._ready(w), self.lut, self.strategy)
+    def linear(self, x: Tensor, w: NF4Weight | Q8Weight) -> Tensor:
+        return self.bind(w)(x)
 
     def swiglu(self, x: Tensor, w: NF4Weight) -> Tensor:
         return triton_swiglu(x, self._ready(w), self.lut, self.strategy)
 
-    def bind(self, w: NF4Weight, swiglu: bool = False) -> Callable[[Tensor], Tensor]:
+    def bind(self, w: NF4Weight | Q8Weight, swiglu: bool = False) -> Callable[[Tensor], Tensor]:
+        if isinstance(w, Q8Weight):
+            return partial(reference_linear, w=self.prepare(w))
         fn = triton_swiglu if swiglu else triton_linear
         return partial(_call, fn, self._ready(w), self.lut, self.strategy)
 

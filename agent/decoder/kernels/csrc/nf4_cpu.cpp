@@ -12,7 +12,11 @@
 // A decoded weight block is reused for up to MR activation rows while it sits in
 // registers, so batched decode reads every weight byte once per step.
 //
-// Products never saturate: |xq| <= 127 and the weight byte <= 127 keep each PMADDUBSW
+// The same loop serves 8-bit weights (agent/decoder/q8.py: int8 in [-127, 127], 64 per
+// block, one float16 scale), which Parley uses for the output head: PMADDUBSW takes
+// |w| as its unsigned side and the activation with w's sign as the signed one.
+//
+// Products never saturate: |xq| <= 127 and a weight byte <= 127 keep each PMADDUBSW
 // pair below 2 * 127 * 127 = 32258 < 32767.
 
 #include <torch/extension.h>
@@ -122,16 +126,23 @@ inline float hsum(__m256 v8) {
 }
 #endif
 
+enum class Format { kNF4, kQ8 };
+
+// Bytes per 64-weight block of a weight row.
+constexpr int64_t block_bytes(Format f) { return f == Format::kNF4 ? 32 : 64; }
+
 // Dot products of one weight row with MR activation rows starting at r0.
-template <int MR>
+template <Format F, int MR>
 inline void row_dots(const uint8_t* w, const float* wscale, const QuantRows& xq, int64_t r0,
                      int64_t kp, float* out) {
   const int64_t nb = kp / kBlock;
+  // The activation scales carry the NF4 table's 1/63; 8-bit weights need it undone.
+  constexpr float kUnit = F == Format::kNF4 ? 1.0f : 63.0f;
   // Per-block factor weight scale * activation scale, one table per row.
   alignas(32) float d[MR][kMaxBlocks];
   for (int r = 0; r < MR; ++r) {
     const float* xs = xq.scale.data() + (r0 + r) * nb;
-    for (int64_t b = 0; b < nb; ++b) d[r][b] = wscale[b] * xs[b];
+    for (int64_t b = 0; b < nb; ++b) d[r][b] = wscale[b] * xs[b] * kUnit;
   }
 #if NF4_SIMD
   const __m256i lut = _mm256_broadcastsi128_si256(
@@ -142,23 +153,36 @@ inline void row_dots(const uint8_t* w, const float* wscale, const QuantRows& xq,
   const int32_t* corr = xq.corr.data() + r0 * nb;
   // Named accumulators (not an array) so the compiler keeps them in registers.
   __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  // lo, hi: the block's weights 0-31 and 32-63 as PMADDUBSW's unsigned operand.
   auto step = [&](__m256 acc, int r, int64_t b, __m256i lo, __m256i hi)
       __attribute__((always_inline)) {
     const int8_t* xb = xrow + r * kp + b * kBlock;
-    const __m256i p0 =
-        _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb)));
-    const __m256i p1 =
-        _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32)));
+    __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
+    __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32));
+    if constexpr (F == Format::kQ8) {  // lo, hi hold |w|: move w's sign onto x
+      const __m256i* wb = reinterpret_cast<const __m256i*>(w + b * 64);
+      x0 = _mm256_sign_epi8(x0, _mm256_loadu_si256(wb));
+      x1 = _mm256_sign_epi8(x1, _mm256_loadu_si256(wb + 1));
+    }
+    const __m256i p0 = _mm256_maddubs_epi16(lo, x0);
+    const __m256i p1 = _mm256_maddubs_epi16(hi, x1);
     __m256i s = _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
-    s = _mm256_sub_epi32(s, _mm256_set1_epi32(corr[r * nb + b]));
+    if constexpr (F == Format::kNF4) s = _mm256_sub_epi32(s, _mm256_set1_epi32(corr[r * nb + b]));
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ss(&d[r][b]), acc);
   };
+  constexpr int64_t kBytes = block_bytes(F);
   for (int64_t b = 0; b < nb; ++b) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + b * 32 + 512), _MM_HINT_T0);
-    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 32));
-    const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(packed, low_mask));
-    const __m256i hi =
-        _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask));
+    _mm_prefetch(reinterpret_cast<const char*>(w + b * kBytes + 16 * kBytes), _MM_HINT_T0);
+    __m256i lo, hi;
+    if constexpr (F == Format::kNF4) {
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 32));
+      lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(packed, low_mask));
+      hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask));
+    } else {
+      const __m256i* wb = reinterpret_cast<const __m256i*>(w + b * 64);
+      lo = _mm256_abs_epi8(_mm256_loadu_si256(wb));
+      hi = _mm256_abs_epi8(_mm256_loadu_si256(wb + 1));
+    }
     acc0 = step(acc0, 0, b, lo, hi);
     if constexpr (MR > 1) acc1 = step(acc1, 1, b, lo, hi);
     if constexpr (MR > 2) acc2 = step(acc2, 2, b, lo, hi);
@@ -172,11 +196,17 @@ inline void row_dots(const uint8_t* w, const float* wscale, const QuantRows& xq,
     const int32_t* corr = xq.corr.data() + (r0 + r) * nb;
     float total = 0.0f;
     for (int64_t b = 0; b < nb; ++b) {
-      int32_t dot = -8 * corr[b];
-      for (int j = 0; j < kBlockBytes; ++j) {
-        const uint8_t byte = w[b * kBlockBytes + j];
-        dot += int32_t(kLut.bytes[byte & 0x0F]) * xr[b * kBlock + j];
-        dot += int32_t(kLut.bytes[byte >> 4]) * xr[b * kBlock + j + 32];
+      int32_t dot = 0;
+      if constexpr (F == Format::kNF4) {
+        dot = -8 * corr[b];
+        for (int j = 0; j < kBlockBytes; ++j) {
+          const uint8_t byte = w[b * kBlockBytes + j];
+          dot += int32_t(kLut.bytes[byte & 0x0F]) * xr[b * kBlock + j];
+          dot += int32_t(kLut.bytes[byte >> 4]) * xr[b * kBlock + j + 32];
+        }
+      } else {
+        const int8_t* wb = reinterpret_cast<const int8_t*>(w) + b * kBlock;
+        for (int j = 0; j < kBlock; ++j) dot += int32_t(wb[j]) * xr[b * kBlock + j];
       }
       total += float(dot) * d[r][b];
     }
@@ -187,8 +217,9 @@ inline void row_dots(const uint8_t* w, const float* wscale, const QuantRows& xq,
 
 using RowKernel = void (*)(const uint8_t*, const float*, const QuantRows&, int64_t, int64_t,
                            float*);
-const RowKernel kRowKernels[kMaxRows + 1] = {nullptr, row_dots<1>, row_dots<2>, row_dots<3>,
-                                             row_dots<4>};
+template <Format F>
+constexpr RowKernel kRowKernels[kMaxRows + 1] = {nullptr, row_dots<F, 1>, row_dots<F, 2>,
+                                                 row_dots<F, 3>, row_dots<F, 4>};
 
 void convert_scales(const at::Half* src, int64_t nb, float* dst) {
   const uint16_t* h = reinterpret_cast<const uint16_t*>(src);
@@ -209,11 +240,12 @@ enum class Epilogue { kNone, kSwiGLU };
 // Runs the weight rows [n_begin, n_end) against every activation row.
 // kNone:   out[m, n] = dot(x[m], W[n]) + bias[n]
 // kSwiGLU: out[m, n] = silu(dot(x[m], W[n]) + b[n]) * (dot(x[m], W[n + F]) + b[n + F])
+template <Format F>
 void run_rows(const uint8_t* qweight, const at::Half* scales, const float* bias,
               const QuantRows& xq, int64_t m, int64_t kp, int64_t n_begin, int64_t n_end,
               int64_t out_stride, int64_t partner, Epilogue epilogue, float* out) {
   const int64_t nb = kp / kBlock;
-  const int64_t row_bytes = kp / 2;
+  const int64_t row_bytes = nb * block_bytes(F);
   std::vector<float> sc(nb), sc2(nb);
   float dots[kMaxRows], dots2[kMaxRows];
   for (int64_t n = n_begin; n < n_end; ++n) {
@@ -221,13 +253,14 @@ void run_rows(const uint8_t* qweight, const at::Half* scales, const float* bias,
     if (epilogue == Epilogue::kSwiGLU) convert_scales(scales + (n + partner) * nb, nb, sc2.data());
     for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
       const int rows = int(std::min<int64_t>(kMaxRows, m - r0));
-      kRowKernels[rows](qweight + n * row_bytes, sc.data(), xq, r0, kp, dots);
+      kRowKernels<F>[rows](qweight + n * row_bytes, sc.data(), xq, r0, kp, dots);
       if (epilogue == Epilogue::kNone) {
         const float bn = bias ? bias[n] : 0.0f;
         for (int r = 0; r < rows; ++r) out[(r0 + r) * out_stride + n] = dots[r] + bn;
         continue;
       }
-      kRowKernels[rows](qweight + (n + partner) * row_bytes, sc2.data(), xq, r0, kp, dots2);
+      kRowKernels<F>[rows](qweight + (n + partner) * row_bytes, sc2.data(), xq, r0, kp,
+                           dots2);
       const float bg = bias ? bias[n] : 0.0f;
       const float bu = bias ? bias[n + partner] : 0.0f;
       for (int r = 0; r < rows; ++r) {
@@ -238,15 +271,20 @@ void run_rows(const uint8_t* qweight, const at::Half* scales, const float* bias,
   }
 }
 
-at::Tensor nf4_forward(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                       const c10::optional<at::Tensor>& bias, int64_t out_features,
-                       bool swiglu) {
-  TORCH_CHECK(qweight.dtype() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
-              "qweight must be contiguous uint8 [N, Kp/2]");
+template <Format F>
+at::Tensor forward(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                   const c10::optional<at::Tensor>& bias, int64_t out_features, bool swiglu) {
+  if constexpr (F == Format::kNF4) {
+    TORCH_CHECK(qweight.dtype() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
+                "qweight must be contiguous uint8 [N, Kp/2]");
+  } else {
+    TORCH_CHECK(qweight.dtype() == at::kChar && qweight.dim() == 2 && qweight.is_contiguous(),
+                "qweight must be contiguous int8 [N, Kp]");
+  }
   TORCH_CHECK(scales.dtype() == at::kHalf && scales.is_contiguous(),
               "scales must be contiguous float16 [N, Kp/64]");
   const int64_t n_rows = qweight.size(0);
-  const int64_t kp = qweight.size(1) * 2;
+  const int64_t kp = qweight.size(1) * kBlock / block_bytes(F);
   const int64_t k = x.size(-1);
   TORCH_CHECK(k <= kp && kp - k < kBlock, "input features ", k, " do not match weight ", kp);
   TORCH_CHECK(kp / kBlock <= kMaxBlocks, "in_features above ", kMaxBlocks * kBlock);
@@ -272,7 +310,7 @@ at::Tensor nf4_forward(const at::Tensor& x, const at::Tensor& qweight, const at:
   thread_local QuantRows buffers;
   QuantRows& xq = buffers;
   quantise_rows(x2.data_ptr<float>(), m, k, kp, xq);
-  const uint8_t* qw = qweight.data_ptr<uint8_t>();
+  const uint8_t* qw = static_cast<const uint8_t*>(qweight.data_ptr());
   const at::Half* sc = scales.data_ptr<at::Half>();
   float* o = out.data_ptr<float>();
   // Chunks of at most 2^16 multiply-adds and at least eight per call: small enough that
@@ -284,8 +322,8 @@ at::Tensor nf4_forward(const at::Tensor& x, const at::Tensor& qweight, const at:
   const Epilogue ep = swiglu ? Epilogue::kSwiGLU : Epilogue::kNone;
   pool().run((n_out + rows - 1) / rows, [&](int64_t chunk) {
     const int64_t begin = chunk * rows;
-    run_rows(qw, sc, bias_ptr, xq, m, kp, begin, std::min(n_out, begin + rows), n_out, n_out,
-             ep, o);
+    run_rows<F>(qw, sc, bias_ptr, xq, m, kp, begin, std::min(n_out, begin + rows), n_out,
+                n_out, ep, o);
   });
   out = out.reshape(out_shape);
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
@@ -294,13 +332,18 @@ at::Tensor nf4_forward(const at::Tensor& x, const at::Tensor& qweight, const at:
 // Arguments put the weight first so Python can bind them once (functools.partial).
 at::Tensor nf4_linear(const at::Tensor& qweight, const at::Tensor& scales,
                       const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
-  return nf4_forward(x, qweight, scales, bias, qweight.size(0), false);
+  return forward<Format::kNF4>(x, qweight, scales, bias, qweight.size(0), false);
+}
+
+at::Tensor q8_linear(const at::Tensor& qweight, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
+  return forward<Format::kQ8>(x, qweight, scales, bias, qweight.size(0), false);
 }
 
 at::Tensor nf4_swiglu(const at::Tensor& qweight, const at::Tensor& scales,
                       const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
   TORCH_CHECK(qweight.size(0) % 2 == 0, "fused gate/up weight needs an even row count");
-  return nf4_forward(x, qweight, scales, bias, qweight.size(0) / 2, true);
+  return forward<Format::kNF4>(x, qweight, scales, bias, qweight.size(0) / 2, true);
 }
 
 // y = x / rms(x) * weight over the last dimension (float32 math, output in x's dtype).
@@ -346,6 +389,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while a kernel runs: the event loop keeps serving meanwhile.
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("linear", &nf4_linear, release(), "y = x @ dequant(W).T + bias (int8 activations)");
+  m.def("q8_linear", &q8_linear, release(),
+        "y = x @ dequant(W).T + bias for 8-bit weights (int8 activations)");
   m.def("swiglu", &nf4_swiglu, release(),
         "silu(x @ Wg.T + bg) * (x @ Wu.T + bu), W = [Wg; Wu]");
   m.def("rms_norm", &rms_norm, release(), "x / rms(x) * weight over the last dimension");
