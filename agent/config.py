@@ -82,6 +82,9 @@ class Settings:
     realtime_max_buffer_s: int = 600
     realtime_send_queue: int = 512
     realtime_state_ttl_s: int = 24 * 3600
+    # Start the reply during the end-of-turn silence and hold it until the turn is
+    # confirmed (agent/realtime/speculation.py); off: every reply waits for the silence.
+    realtime_speculate: bool = True
 
     # Chat audio ids live this long in the store (OpenAI's are about an hour)
     audio_ttl_s: int = 3600

@@ -103,6 +103,7 @@ class Turn:
     cached_tokens: int | None = None
     server_stages: dict[str, int] = field(default_factory=dict)
     server_v2v_ms: int | None = None
+    speculative: bool = False           # the server adopted a reply held during the silence
     events: Counter[str] = field(default_factory=Counter)   # the turn's, by type
     done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     reported: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -132,6 +133,7 @@ class Turn:
 @dataclass
 class Level:
     sessions: int
+    speculate: bool  # replies started in the end-of-turn silence (session.parley.speculate)
     turns: list[Turn]
 
 
@@ -257,28 +259,30 @@ async def _levels(base: str, questions: Sequence[Question], levels: Sequence[int
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0)
-    await _level(client, questions, 1, 1)  # every path once, uncounted
+    await _level(client, questions, 1, 1, True)  # every path once, uncounted
     results = []
     for sessions in levels:
-        results.append(Level(sessions, await _level(client, questions, sessions, turns)))
-        print(f"  {sessions} session(s): done", file=sys.stderr)
+        for speculate in (True, False):  # side by side: with and without held replies
+            turns_done = await _level(client, questions, sessions, turns, speculate)
+            results.append(Level(sessions, speculate, turns_done))
+            print(f"  {sessions} session(s), speculate {speculate}: done", file=sys.stderr)
     return results
 
 
 async def _level(client: Any, questions: Sequence[Question], sessions: int,
-                 turns: int) -> list[Turn]:
+                 turns: int, speculate: bool) -> list[Turn]:
     """`sessions` callers at once, each asking `turns` questions; starts are staggered so
     that the callers do not all stop speaking at the same instant."""
     stagger = questions[0].seconds / max(sessions, 1)
     done = await asyncio.gather(*(
         _caller(client, i, [questions[(i + t) % len(questions)] for t in range(turns)],
-                delay=i * stagger)
+                delay=i * stagger, speculate=speculate)
         for i in range(sessions)))
     return [turn for caller in done for turn in caller]
 
 
 async def _caller(client: Any, index: int, asks: Sequence[Question], *,
-                  delay: float) -> list[Turn]:
+                  delay: float, speculate: bool) -> list[Turn]:
     await asyncio.sleep(delay)
     turns: list[Turn] = []
     async with client.realtime.connect(model=MODEL) as conn:
@@ -288,7 +292,7 @@ async def _caller(client: Any, index: int, asks: Sequence[Question], *,
             "audio": {"input": {"format": {"type": "audio/pcm", "rate": RATE},
                                 "transcription": {"model": "whisper-1"}},
                       "output": {"format": {"type": "audio/pcm", "rate": RATE}}},
-            "parley": {"debug_events": True}})
+            "parley": {"debug_events": True, "speculate": speculate}})
         listener = _Listener()
         mic = _Microphone(conn)
         tasks = [asyncio.create_task(listener.run(conn)), asyncio.create_task(mic.run())]
@@ -415,6 +419,7 @@ class _Listener:
         elif kind == "parley.turn.latency":
             turn.server_stages = dict(getattr(event, "stages_ms", None) or {})
             turn.server_v2v_ms = getattr(event, "voice_to_voice_ms", None)
+            turn.speculative = bool(getattr(event, "speculative", False))
             turn.reported.set()
 
 
@@ -469,9 +474,9 @@ def render(levels: Sequence[Level], header: str) -> str:
                    "response → first token", "response → first audio",
                    "first clause → first audio", *extra]
     lines = [header, "",
-             "| sessions | turns | voice-to-voice p50 | p95 | " + " | ".join(stage_names)
-             + " | prompt tokens (cached) | failed |",
-             "|---:|---:|---:|---:|" + "---:|" * len(stage_names) + "---:|---:|"]
+             "| sessions | replies held in the silence | turns | voice-to-voice p50 | p95 | "
+             + " | ".join(stage_names) + " | prompt tokens (cached) | failed |",
+             "|---:|---|---:|---:|---:|" + "---:|" * len(stage_names) + "---:|---:|"]
     for level in levels:
         answered = [t for t in level.turns if t.voice_to_voice_ms is not None]
         v2v = [ms for t in answered if (ms := t.voice_to_voice_ms) is not None]
@@ -487,14 +492,19 @@ def render(levels: Sequence[Level], header: str) -> str:
         prompt = median([t.prompt_tokens for t in answered])
         cached = median([t.cached_tokens for t in answered])
         tokens = "—" if prompt is None else f"{prompt:.0f} ({cached or 0:.0f})"
-        lines.append(f"| {level.sessions} | {len(level.turns)} | {_fmt_ms(p50)}{p50_mark} | "
+        held = (f"on ({sum(t.speculative for t in answered)} of {len(answered)} used)"
+                if level.speculate else "off")
+        lines.append(f"| {level.sessions} | {held} | {len(level.turns)} | "
+                     f"{_fmt_ms(p50)}{p50_mark} | "
                      f"{_fmt_ms(p95)}{p95_mark} | "
                      + " | ".join(_fmt_ms(s) for s in stages)
                      + f" | {tokens} | {len(level.turns) - len(answered)} |")
     lines += ["", f"Targets: p50 ≤ {TARGET_P50_MS} ms with 1 session, p95 ≤ "
               f"{TARGET_P95_MS / 1000:.1f} s with 4 sessions (voice to voice, end-of-turn "
               "silence included). Stage columns are medians; prompt tokens are the median "
-              "per response, (cached) the part already in the session's KV cache."]
+              "per response, (cached) the part already in the session's KV cache. Replies "
+              "held in the silence: `session.parley.speculate`, on by default; 'used' counts "
+              "the turns whose reply had been started before the turn was confirmed."]
     return "\n".join(lines)
 
 

@@ -91,11 +91,12 @@ class Conversation:
 
     # -- what the model reads -------------------------------------------------------------
 
-    def messages(self, instructions: str) -> list[dict[str, Any]]:
+    def messages(self, instructions: str, extra: list[dict[str, Any]] | None = None,
+                 ) -> list[dict[str, Any]]:
         """The conversation as chat messages: instructions first, function calls and their
-        outputs as assistant tool calls and tool messages."""
+        outputs as assistant tool calls and tool messages; `extra` items as if appended."""
         out: list[dict[str, Any]] = [{"role": "system", "content": instructions}]
-        for item in self.items:
+        for item in [*self.items, *(extra or [])]:
             kind = item.get("type")
             if kind == "message":
                 text = item_text(item)

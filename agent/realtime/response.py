@@ -23,6 +23,7 @@ import base64
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,7 @@ from agent.realtime.session_config import SessionConfig, to_response_object
 
 if TYPE_CHECKING:
     from agent.realtime.session import Session
+    from agent.realtime.speculation import Speculation
 
 log = logging.getLogger(__name__)
 # Bytes per millisecond of each output format (mono): pcm16 at 24 kHz, G.711 at 8 kHz.
@@ -75,6 +77,7 @@ class ResponseRun:
     usage: dict[str, Any] | None = None
     started_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    speculation: Speculation | None = None  # a reply started in the silence, adopted
 
     @property
     def audio_ms(self) -> int:
@@ -158,26 +161,37 @@ class ResponseWriter:
     # -- generation -------------------------------------------------------------------------
 
     async def _generate(self) -> None:
+        spec = self.run.speculation
+        try:
+            async for event in spec.events() if spec is not None else self._pipeline():
+                await self._handle(event)
+        finally:
+            if spec is not None:  # cancelled or failed mid-way: stop its pipeline too
+                await spec.cancel()
+
+    async def _pipeline(self) -> AsyncIterator[Any]:
         session, config = self.session, self.config
         await session.transcripts_ready()
         messages = session.conversation.messages(config.instructions)
         request = chat_request(session, config, messages)
         plan = await plan_completion(request, messages, session.runtime,
                                      session_id=session.decoder_session)
-        async for event in run_completion(plan, streaming=True,
-                                          audio_ids=[new_item_id()]):
-            if self.run.first_token_at is None:
-                self.run.first_token_at = time.perf_counter()
-            if isinstance(event, TextDelta):
-                await self._text(event.text)
-            elif isinstance(event, AudioData):
-                await self._audio(event.data)
-            elif isinstance(event, ToolCallDelta):
-                await self._call(event)
-            elif isinstance(event, ChoiceDone):
-                self._usage(event)
-                if event.finish_reason == "length":
-                    self.run.status = "length"
+        async for event in run_completion(plan, streaming=True, audio_ids=[new_item_id()]):
+            yield event
+
+    async def _handle(self, event: Any) -> None:
+        if self.run.first_token_at is None:
+            self.run.first_token_at = time.perf_counter()
+        if isinstance(event, TextDelta):
+            await self._text(event.text)
+        elif isinstance(event, AudioData):
+            await self._audio(event.data)
+        elif isinstance(event, ToolCallDelta):
+            await self._call(event)
+        elif isinstance(event, ChoiceDone):
+            self._usage(event)
+            if event.finish_reason == "length":
+                self.run.status = "length"
 
     async def _start_message(self) -> dict[str, Any]:
         run = self.run

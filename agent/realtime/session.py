@@ -54,6 +54,7 @@ from agent.realtime.session_config import (
     for_response,
     to_session_object,
 )
+from agent.realtime.speculation import Speculation
 from agent.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class Session:
         self._user_item: str | None = None      # the item the speech in progress becomes
         self._barged = False                    # this turn has interrupted the response
         self._turn_times: dict[str, float] = {}
+        self._speculation: Speculation | None = None  # a reply held during a pause
         self.state = "listening"
 
     # -- the connection's side --------------------------------------------------------------
@@ -122,6 +124,7 @@ class Session:
 
     async def close(self) -> None:
         """Stop everything the session started; free its decoder cache slot."""
+        await self._drop_speculation()
         tasks = [t for t in (self._response_task, *self._tasks) if t and not t.done()]
         for task in tasks:
             task.cancel()
@@ -135,6 +138,7 @@ class Session:
 
     async def _on_session_update(self, event: dict[str, Any]) -> None:
         old = self.config
+        await self._drop_speculation()
         self.config = apply_update(old, event["session"], voice_locked=self.voice_locked,
                                    beta=self.beta, event_id=event.get("event_id"))
         if self.config.input_format != old.input_format:
@@ -159,6 +163,9 @@ class Session:
         data = decode_audio(event["audio"], event_id=event.get("event_id"))
         for vad_event in await self.input.append(data, event.get("event_id")):
             await self._on_vad(vad_event)
+        spec, voiced = self._speculation, self.input.voiced_until
+        if spec is not None and voiced is not None and voiced > spec.speech_end:
+            await self._drop_speculation()  # the pause was a breath: the user goes on
         await self._maybe_barge_in()
 
     async def _on_vad(self, event: VadEvent) -> None:
@@ -173,6 +180,7 @@ class Session:
         elif isinstance(event, SpeechPaused):
             if self.input.turn is not None:
                 self.input.turn.speculate(event.speech_end)
+                await self._speculate(event.speech_end)
         elif isinstance(event, SpeechStopped):
             await self._speech_stopped(event)
 
@@ -208,6 +216,32 @@ class Session:
             audio = audio[max(turn.start_sample - start, 0):]
         await self._commit(item_id, audio, turn, event.speech_end)
 
+    async def _speculate(self, speech_end: int) -> None:
+        """Start the reply to the words before this pause, held until the turn ends here."""
+        await self._drop_speculation()
+        turn = self.config.turn_detection
+        if (self.settings.realtime_speculate and self.config.speculate and turn is not None
+                and turn.create_response
+                and self.response is None and self.input.turn is not None):
+            self._speculation = Speculation(self, self.input.turn, speech_end)
+
+    async def _drop_speculation(self) -> None:
+        spec, self._speculation = self._speculation, None
+        if spec is not None:
+            await spec.cancel()
+
+    async def _adopt_speculation(self, speech_end: int | None, text: str,
+                                 ) -> Speculation | None:
+        """The held reply, when it answers exactly the turn just confirmed; else None."""
+        spec, self._speculation = self._speculation, None
+        if spec is None:
+            return None
+        messages = self.conversation.messages(self.config.instructions)
+        if spec.matches(speech_end, text, self.config, messages):
+            return spec
+        await spec.cancel()
+        return None
+
     async def _on_input_audio_buffer_commit(self, event: dict[str, Any]) -> None:
         if self.input.buffered_ms < MIN_COMMIT_MS:
             raise RealtimeError(
@@ -216,6 +250,7 @@ class Session:
                 "of audio.", code="input_audio_buffer_commit_empty",
                 event_id=event.get("event_id"))
         turn = self.input.detach_turn()
+        await self._drop_speculation()
         audio, _, _ = self.input.take()
         item_id, self._user_item = self._user_item or new_item_id(), None
         self._turn_times[item_id] = time.perf_counter()
@@ -225,6 +260,7 @@ class Session:
         turn = self.input.detach_turn()
         if turn is not None:
             await turn.aclose()
+        await self._drop_speculation()
         self.input.clear()
         self._user_item = None
         await self.send(server_event("input_audio_buffer.cleared"))
@@ -287,7 +323,10 @@ class Session:
         if (text and not manual and turn_detection is not None
                 and turn_detection.create_response and self.response is None
                 and self.input.speaking_since is None):
-            await self.start_response(None, user_item=item["id"])
+            spec = await self._adopt_speculation(speech_end, text)
+            await self.start_response(None, user_item=item["id"], speculation=spec)
+        else:
+            await self._drop_speculation()
 
     async def _relay_partials(self, turn: Any, item_id: str) -> None:
         """Partial transcripts as `…input_audio_transcription.delta` events: only text
@@ -362,7 +401,8 @@ class Session:
         await self.start_response(params, event_id=event.get("event_id"))
 
     async def start_response(self, params: dict[str, Any] | None, *, event_id: str | None = None,
-                             user_item: str | None = None) -> None:
+                             user_item: str | None = None,
+                             speculation: Speculation | None = None) -> None:
         if self.response is not None:
             raise RealtimeError(
                 f"Conversation already has an active response in progress: "
@@ -374,7 +414,7 @@ class Session:
         params = params or {}
         run = ResponseRun(new_response_id(), config,
                           in_conversation=params.get("conversation", "auto") != "none",
-                          metadata=params.get("metadata"))
+                          metadata=params.get("metadata"), speculation=speculation)
         self.response = run
         self.state = "responding"
         if user_item is not None:
@@ -504,7 +544,7 @@ class Session:
         started = self._turn_times.pop(run.id, None)
         stages = {"response_to_first_token": _ms(run.first_token_at, run.started_at),
                   "response_to_first_audio": _ms(run.first_audio_at, run.started_at)}
-        fields: dict[str, Any] = {}
+        fields: dict[str, Any] = {"speculative": run.speculation is not None}
         if started is not None:
             stages["speech_end_to_response"] = _ms(run.started_at, started)
             fields["voice_to_voice_ms"] = _ms(run.first_audio_at, started)

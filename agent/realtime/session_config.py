@@ -127,6 +127,7 @@ class SessionConfig:
     server_tools: bool | None = None            # None: the server's tools config decides
     backchannel_ms: int = DEFAULT_BACKCHANNEL_MS
     debug_events: bool = False
+    speculate: bool = True                      # start replies in the end-of-turn silence
     # What this server offers; not part of the session a client sees.
     voices: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     vad_defaults: TurnDetection = field(default_factory=TurnDetection, compare=False,
@@ -309,8 +310,8 @@ def _voice(config: SessionConfig, given: str | dict[str, Any], locked: bool, par
 
 
 def _parley_changes(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: options[k] for k in ("server_tools", "backchannel_ms", "debug_events")
-            if k in options}
+    return {k: options[k] for k in ("server_tools", "backchannel_ms", "debug_events",
+                                    "speculate") if k in options}
 
 
 # --- what the client sees -----------------------------------------------------------------
@@ -340,7 +341,7 @@ def to_session_object(config: SessionConfig, *, session_id: str, beta: bool,
         "max_output_tokens": config.max_output_tokens,
         "temperature": config.temperature,
         "parley": {"server_tools": config.server_tools, "backchannel_ms": config.backchannel_ms,
-                   "debug_events": config.debug_events},
+                   "debug_events": config.debug_events, "speculate": config.speculate},
     }
     if expires_at is not None:
         session["expires_at"] = expires_at

@@ -156,6 +156,17 @@ class ASRStream:
         )
         return transcript, time.perf_counter()
 
+    async def speculative(self, speech_end: int) -> Transcript | None:
+        """The transcript of the final pass `speculate(speech_end)` started, once it is
+        done; None when there is no such pass or speech resumed and cancelled it."""
+        if self._speculation is None or self._speculation[0] != speech_end:
+            return None
+        task = self._speculation[1]
+        await asyncio.wait([task])  # not `await task`: cancelling us must not cancel it
+        if task.cancelled() or task.exception() is not None:
+            return None
+        return task.result()[0]
+
     async def finish(self, speech_end: int | None = None) -> Transcript:
         """The final transcript of the turn, up to `speech_end` (None: all audio fed)."""
         self._finished = True

@@ -235,6 +235,41 @@ async def test_spoken_question_gets_a_spoken_answer(server, question, asr):
     assert difflib.SequenceMatcher(None, *letters).ratio() >= 0.8, (transcript, heard)
 
 
+async def test_a_pause_mid_sentence_is_not_a_turn_and_the_held_reply_is_used(server, question):
+    """A 300 ms breath inside the question (shorter than the 500 ms end-of-turn silence):
+    whatever reply was started speculatively in it is dropped unseen; the one reply answers
+    the whole question, and it was started in the final silence (`speculative`)."""
+    onset = speech_onset(question)
+    frame = RATE // 100
+    speech = question[onset:]
+    # The quietest 10 ms frame in the middle third: a gap between words.
+    middle = speech[len(speech) // 3: 2 * len(speech) // 3]
+    frames = middle[: len(middle) // frame * frame].reshape(-1, frame)
+    cut = len(speech) // 3 + int(np.argmin((frames ** 2).mean(axis=1))) * frame
+    breath = np.zeros(RATE * 3 // 10, dtype=question.dtype)
+    audio = np.concatenate([question[:onset], speech[:cut], breath, speech[cut:]])
+    async with realtime(server, audio={"input": {"transcription": TRANSCRIBE}},
+                        parley={"debug_events": True}, **SHORT) as (conn, events):
+        sender = asyncio.create_task(stream(conn, spoken(audio)))
+        done = await events.until("response.done", timeout=120)
+        latency = await events.until("parley.turn.latency", timeout=30)
+        await sender
+
+    assert len(events.of("input_audio_buffer.committed")) == 1, events.kinds()
+    assert len(events.of("response.created")) == 1
+    committed = events.index(events.of("input_audio_buffer.committed")[0])
+    transcribed = events.of("conversation.item.input_audio_transcription.completed")
+    assert {"capital", "france"} <= set(words(transcribed[0]["transcript"]))
+    # Nothing of a reply reached the client before the turn was over and in words.
+    first_response_event = min(n for n, e in enumerate(events.seen)
+                               if e["type"].startswith("response."))
+    assert first_response_event > events.index(transcribed[0]) > committed
+    assert done["response"]["status"] == "completed"
+    assert "paris" in words(said(message_of(done)))
+    assert latency["response_id"] == done["response"]["id"]
+    assert latency["speculative"] is True
+
+
 # -- barge-in --------------------------------------------------------------------------------
 
 async def test_speech_during_an_answer_cancels_it_and_truncates_the_item(server, question):

@@ -85,8 +85,9 @@ def _turn(v2v_ms: float | None, *, session: int = 0, stages: dict[str, int] | No
 def test_render_reports_percentiles_stages_and_failures():
     stages = {"speech_end_to_response": 900, "response_to_first_token": 200,
               "response_to_first_audio": 700}
-    alone = Level(1, [_turn(ms, stages=stages) for ms in (700.0, 750.0, 800.0)])
-    crowded = Level(4, [*(_turn(ms, session=i % 4, stages=stages)
+    alone = Level(1, True, [_turn(ms, stages=stages) for ms in (700.0, 750.0, 800.0)])
+    alone.turns[0].speculative = True
+    crowded = Level(4, False, [*(_turn(ms, session=i % 4, stages=stages)
                           for i, ms in enumerate((1000.0, 1400.0, 2000.0, 3000.0))),
                         _turn(None)])
     table = render([alone, crowded], "Measured somewhere.")
@@ -98,6 +99,7 @@ def test_render_reports_percentiles_stages_and_failures():
     cells = dict(zip([c.strip() for c in header.strip("|").split("|")],
                      [c.strip() for c in rows[0].strip("|").split("|")], strict=True))
     assert cells["turns"] == "3"
+    assert cells["replies held in the silence"] == "on (1 of 3 used)"
     assert cells["voice-to-voice p50"] == "750 ms ✓"   # 1 session: the p50 target applies
     assert cells["end-of-turn wait"] == "600 ms"
     assert cells["transcription"] == "200 ms"
@@ -108,12 +110,13 @@ def test_render_reports_percentiles_stages_and_failures():
     crowded_cells = dict(zip(cells, [c.strip() for c in rows[1].strip("|").split("|")],
                              strict=True))
     assert crowded_cells["turns"] == "5"
+    assert crowded_cells["replies held in the silence"] == "off"
     assert crowded_cells["failed"] == "1"
     assert crowded_cells["p95"].endswith("✗")            # 4 sessions: the p95 target applies
     assert "✓" not in crowded_cells["voice-to-voice p50"]  # and not the p50 one
 
 
 def test_render_shows_a_dash_for_a_stage_the_server_did_not_report():
-    table = render([Level(1, [_turn(800.0)])], "h")
+    table = render([Level(1, True, [_turn(800.0)])], "h")
     row = next(line for line in table.splitlines() if line.startswith("| 1 "))
     assert "—" in row

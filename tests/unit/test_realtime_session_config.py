@@ -87,7 +87,7 @@ def test_session_object_matches_the_schema_and_the_sdk(config, beta):
     assert parsed.audio.output.voice == "echo"
     assert parsed.audio.input.turn_detection.threshold == 0.4
     assert session["parley"] == {"server_tools": None, "backchannel_ms": 500,
-                                 "debug_events": False}
+                                 "debug_events": False, "speculate": True}
 
 
 def test_an_update_changes_only_what_it_names(config):
@@ -223,9 +223,9 @@ def test_tool_mistakes_a_schema_cannot_catch(config):
 def test_parley_options_and_limits(config):
     updated = _update(config, {"max_output_tokens": 200, "temperature": 1.1,
                                "parley": {"server_tools": True, "backchannel_ms": 900,
-                                          "debug_events": True}})
-    assert (updated.server_tools, updated.backchannel_ms, updated.debug_events) == \
-        (True, 900, True)
+                                          "debug_events": True, "speculate": False}})
+    assert (updated.server_tools, updated.backchannel_ms, updated.debug_events,
+            updated.speculate) == (True, 900, True, False)
     assert (updated.output_token_limit(512), config.output_token_limit(512)) == (200, 512)
     assert updated.output_token_limit(100) == 100
     assert updated.temperature == 1.1

@@ -1,0 +1,99 @@
+"""A reply started during the end-of-turn silence and held until the turn is confirmed.
+
+When the VAD hears silence begin (SpeechPaused), the turn may be over, or the user may be
+taking a breath. Waiting out `silence_duration_ms` before doing anything puts the whole
+ASR pass, the prompt's prefill and the first clause's synthesis after that wait. Instead,
+as soon as the speculative ASR pass of the pause is done and nobody has spoken since, the
+session starts the reply it would give to that transcript: the chat pipeline runs
+(decoder, TTS) and its events are held here, unsent.
+
+- The turn ends at that pause with the same words and nothing else changed in between
+  (same messages, same session configuration): the response adopts the held events and
+  the live rest, so its first audio leaves as soon as the turn is confirmed.
+- The user speaks again, or anything differs: the reply is cancelled. Nothing was sent,
+  the decoder stops within a step, and its KV cache keeps the conversation's prefix,
+  so the next reply prefills only the new words (the scheduler's prefix reuse).
+
+Tool calls are only executed after a response is done, so a speculative reply that is
+dropped never runs one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from agent.chat.pipeline import plan_completion, run_completion
+from agent.realtime.protocol import new_item_id
+from agent.realtime.response import chat_request
+
+if TYPE_CHECKING:
+    from agent.realtime.session import Session
+    from agent.realtime.session_config import SessionConfig
+
+log = logging.getLogger(__name__)
+_END = object()
+
+
+class Speculation:
+    """One speculative reply to the speech that ended at sample `speech_end`."""
+
+    def __init__(self, session: Session, turn: Any, speech_end: int):
+        self.session = session
+        self.speech_end = speech_end
+        self.config: SessionConfig = session.config
+        self.text: str | None = None  # the transcript it answers, once known
+        self.messages: list[dict[str, Any]] | None = None
+        # Held pipeline events. Bounded by the reply itself (max_output_tokens and its
+        # audio), the same as what the response would have queued for sending.
+        self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._run(turn))
+
+    async def _run(self, turn: Any) -> None:
+        try:
+            transcript = await turn.speculative(self.speech_end)
+            text = transcript.text.strip() if transcript is not None else ""
+            if not text or self.session.input.voiced_until is None \
+                    or self.session.input.voiced_until > self.speech_end:
+                return  # nothing heard, or the user went on speaking meanwhile
+            self.text = text
+            user = {"type": "message", "role": "user",
+                    "content": [{"type": "input_audio", "transcript": text}]}
+            self.messages = self.session.conversation.messages(self.config.instructions,
+                                                               extra=[user])
+            request = chat_request(self.session, self.config, self.messages)
+            plan = await plan_completion(request, self.messages, self.session.runtime,
+                                         session_id=self.session.decoder_session)
+            async for event in run_completion(plan, streaming=True,
+                                              audio_ids=[new_item_id()]):
+                self._events.put_nowait(event)
+        except Exception as exc:  # the real response will meet (and report) the same fault
+            log.warning("speculative reply failed: %s", exc)
+            self._events.put_nowait(exc)
+        finally:
+            self._events.put_nowait(_END)
+
+    def matches(self, speech_end: int | None, text: str, config: SessionConfig,
+                messages: list[dict[str, Any]]) -> bool:
+        """Whether this reply is the one the confirmed turn would get."""
+        return (not self._task.cancelled() and self.speech_end == speech_end
+                and self.text == text and self.config is config and self.messages == messages)
+
+    async def events(self) -> AsyncIterator[Any]:
+        """The pipeline's events, held ones first, then live ones as they come."""
+        while (event := await self._events.get()) is not _END:
+            if isinstance(event, Exception):
+                raise event
+            yield event
+
+    async def cancel(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    @property
+    def running(self) -> bool:
+        return not self._task.done()
