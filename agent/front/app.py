@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from agent import __version__
@@ -47,6 +47,15 @@ async def healthz(request: Request) -> JSONResponse:
         "decoder": request.app.state.runtime.decoder_stats(),
     }
     return JSONResponse(body, status_code=200 if store_ok else 503)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """Prometheus text format; behind the API key like the API (a scraper sends it)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from agent.metrics import REGISTRY
+
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
 async def parley_error(request: Request, exc: Exception) -> JSONResponse:
@@ -113,6 +122,7 @@ def create_app(settings: Settings) -> Starlette:
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),

@@ -110,11 +110,18 @@ def chat_request(session: Session, config: SessionConfig, messages: list[dict[st
         tool_choice=config.tool_choice, parallel_tool_calls=False)
 
 
-async def prefill_conversation(session: Session) -> None:
+async def prefill_conversation(session: Session, heard: str | None = None) -> None:
     """Generate one throw-away token on the conversation so far, so its KV cache is
-    ready; the next response's prompt shares that prefix and prefills only what's new."""
+    ready; the next response's prompt shares that prefix and prefills only what's new.
+
+    `heard`: a partial transcript of the turn in progress, as a user message at the end.
+    The reply's prompt shares the words the final transcript keeps; where they differ the
+    scheduler's prefix match drops the rest (the rollback)."""
     config = session.config
-    messages = session.conversation.messages(config.instructions)
+    extra = None if heard is None else [
+        {"type": "message", "role": "user",
+         "content": [{"type": "input_audio", "transcript": heard}]}]
+    messages = session.conversation.messages(config.instructions, extra=extra)
     plan = await plan_completion(chat_request(session, config, messages, max_tokens=1,
                                               audio=False), messages, session.runtime,
                                  session_id=session.decoder_session)

@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
+from agent import metrics
 from agent.audio import encode_audio
 from agent.audio.vad import SpeechPaused, SpeechStarted, SpeechStopped, VadEvent
 from agent.chat.server_tools import MAX_TOOL_ROUNDS
@@ -95,6 +96,7 @@ class Session:
     # -- the connection's side --------------------------------------------------------------
 
     async def start(self) -> None:
+        metrics.SESSIONS.inc()
         await self.send(server_event("session.created", session=self._session_object()))
         await self.send(server_event("conversation.created", conversation={
             "id": self.conversation.id, "object": "realtime.conversation"}))
@@ -124,6 +126,7 @@ class Session:
 
     async def close(self) -> None:
         """Stop everything the session started; free its decoder cache slot."""
+        metrics.SESSIONS.dec()
         await self._drop_speculation()
         tasks = [t for t in (self._response_task, *self._tasks) if t and not t.done()]
         for task in tasks:
@@ -175,8 +178,8 @@ class Session:
             await self.send(server_event("input_audio_buffer.speech_started",
                                          audio_start_ms=event.audio_start_ms,
                                          item_id=self._user_item))
-            if self.config.transcription is not None and self.input.turn is not None:
-                self._spawn(self._relay_partials(self.input.turn, self._user_item))
+            if self.input.turn is not None:
+                self._spawn(self._follow_partials(self.input.turn, self._user_item))
         elif isinstance(event, SpeechPaused):
             if self.input.turn is not None:
                 self.input.turn.speculate(event.speech_end)
@@ -228,6 +231,7 @@ class Session:
     async def _drop_speculation(self) -> None:
         spec, self._speculation = self._speculation, None
         if spec is not None:
+            metrics.speculation("dropped" if spec.text is not None else "not_started")
             await spec.cancel()
 
     async def _adopt_speculation(self, speech_end: int | None, text: str,
@@ -238,7 +242,9 @@ class Session:
             return None
         messages = self.conversation.messages(self.config.instructions)
         if spec.matches(speech_end, text, self.config, messages):
+            metrics.speculation("used")
             return spec
+        metrics.speculation("dropped" if spec.text is not None else "not_started")
         await spec.cancel()
         return None
 
@@ -328,17 +334,24 @@ class Session:
         else:
             await self._drop_speculation()
 
-    async def _relay_partials(self, turn: Any, item_id: str) -> None:
-        """Partial transcripts as `…input_audio_transcription.delta` events: only text
-        that extends what was already sent (a revised partial waits for the final)."""
+    async def _follow_partials(self, turn: Any, item_id: str) -> None:
+        """Partial transcripts while the user speaks: sent as `…transcription.delta` events
+        (only text that extends what was sent; a revised partial waits for the final), and
+        prefilled into the session's KV cache so the reply prefills only the last words."""
         sent = ""
+        prefill: asyncio.Future | None = None
         async for partial in turn.partials():
             text = partial.text.strip()
-            if text.startswith(sent) and len(text) > len(sent):
+            if (self.config.transcription is not None and text.startswith(sent)
+                    and len(text) > len(sent)):
                 await self.send(server_event(
                     "conversation.item.input_audio_transcription.delta", item_id=item_id,
                     content_index=0, delta=text[len(sent):]))
                 sent = text
+            idle = prefill is None or prefill.done()  # never queue prefills behind one another
+            if (text and idle and self.response is None and self._speculation is None
+                    and self.settings.realtime_speculate and self.config.speculate):
+                prefill = self._spawn(prefill_conversation(self, heard=text))
 
     # -- conversation items -----------------------------------------------------------------------
 
@@ -452,8 +465,13 @@ class Session:
             if calls and run.in_conversation:
                 self.state = "waiting on a tool"
                 self._spawn(self._run_tools(calls))
+        stages, voice_to_voice = self._turn_latency(run)
+        metrics.turn_finished(run.status, stages, voice_to_voice, run.speculation is not None)
         if self.config.debug_events and run.first_audio_at is not None:
-            self._spawn(self._latency_event(run))
+            self._spawn(self.send(server_event(
+                "parley.turn.latency", response_id=run.id,
+                item_id=run.message["id"] if run.message else None, stages_ms=stages,
+                voice_to_voice_ms=voice_to_voice, speculative=run.speculation is not None)))
 
     def voice_used(self) -> None:
         self.voice_locked = True
@@ -540,17 +558,16 @@ class Session:
         if self.response is None:
             self._spawn(prefill_conversation(self))
 
-    async def _latency_event(self, run: ResponseRun) -> None:
+    def _turn_latency(self, run: ResponseRun) -> tuple[dict[str, int | None], int | None]:
+        """The stages of the turn `run` answered (ms), and voice to voice when it was a
+        spoken turn (its speech end is known)."""
         started = self._turn_times.pop(run.id, None)
         stages = {"response_to_first_token": _ms(run.first_token_at, run.started_at),
                   "response_to_first_audio": _ms(run.first_audio_at, run.started_at)}
-        fields: dict[str, Any] = {"speculative": run.speculation is not None}
-        if started is not None:
-            stages["speech_end_to_response"] = _ms(run.started_at, started)
-            fields["voice_to_voice_ms"] = _ms(run.first_audio_at, started)
-        await self.send(server_event("parley.turn.latency", response_id=run.id,
-                                     item_id=run.message["id"] if run.message else None,
-                                     stages_ms=stages, **fields))
+        if started is None:
+            return stages, None
+        stages["speech_end_to_response"] = _ms(run.started_at, started)
+        return stages, _ms(run.first_audio_at, started)
 
     def _spawn(self, work: Awaitable[Any]) -> asyncio.Future:
         task = asyncio.ensure_future(work)

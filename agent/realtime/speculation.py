@@ -56,8 +56,8 @@ class Speculation:
         try:
             transcript = await turn.speculative(self.speech_end)
             text = transcript.text.strip() if transcript is not None else ""
-            if not text or self.session.input.voiced_until is None \
-                    or self.session.input.voiced_until > self.speech_end:
+            voiced = self.session.input.voiced_until  # None: the turn has ended meanwhile
+            if not text or (voiced is not None and voiced > self.speech_end):
                 return  # nothing heard, or the user went on speaking meanwhile
             self.text = text
             user = {"type": "message", "role": "user",

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import numpy as np
 import openai
@@ -268,6 +269,25 @@ async def test_a_pause_mid_sentence_is_not_a_turn_and_the_held_reply_is_used(ser
     assert "paris" in words(said(message_of(done)))
     assert latency["response_id"] == done["response"]["id"]
     assert latency["speculative"] is True
+
+    # The same turn in the server's metrics (scraped with the API key, like the API).
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(server + "/metrics")).status_code == 401
+        scraped = (await http.get(server + "/metrics",
+                                  headers={"Authorization": f"Bearer {API_KEY}"})).text
+    assert metric(scraped, 'parley_realtime_speculations_total{outcome="used"}') >= 1
+    assert metric(scraped,
+                  'parley_realtime_voice_to_voice_seconds_count{speculative="true"}') >= 1
+    assert metric(scraped, 'parley_realtime_stage_seconds_count'
+                           '{stage="response_to_first_audio"}') >= 1
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
 
 
 # -- barge-in --------------------------------------------------------------------------------
