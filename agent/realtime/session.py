@@ -60,6 +60,7 @@ from agent.runtime import Runtime
 
 log = logging.getLogger(__name__)
 MIN_COMMIT_MS = 100  # OpenAI's smallest committable buffer
+SPECULATION_WAIT_S = 2.0  # a held reply that has not decided by then is not waited for
 
 
 class Session:
@@ -240,6 +241,9 @@ class Session:
         spec, self._speculation = self._speculation, None
         if spec is None:
             return None
+        if spec.speech_end == speech_end:  # the same ASR pass may have woken us first
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(spec.decided(), SPECULATION_WAIT_S)
         messages = self.conversation.messages(self.config.instructions)
         if spec.matches(speech_end, text, self.config, messages):
             metrics.speculation("used")

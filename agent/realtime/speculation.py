@@ -50,6 +50,7 @@ class Speculation:
         # Held pipeline events. Bounded by the reply itself (max_output_tokens and its
         # audio), the same as what the response would have queued for sending.
         self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._decided = asyncio.Event()  # set once `text` is known, or known to be None
         self._task = asyncio.get_running_loop().create_task(self._run(turn))
 
     async def _run(self, turn: Any) -> None:
@@ -64,6 +65,7 @@ class Speculation:
                     "content": [{"type": "input_audio", "transcript": text}]}
             self.messages = self.session.conversation.messages(self.config.instructions,
                                                                extra=[user])
+            self._decided.set()
             request = chat_request(self.session, self.config, self.messages)
             plan = await plan_completion(request, self.messages, self.session.runtime,
                                          session_id=self.session.decoder_session)
@@ -74,7 +76,13 @@ class Speculation:
             log.warning("speculative reply failed: %s", exc)
             self._events.put_nowait(exc)
         finally:
+            self._decided.set()
             self._events.put_nowait(_END)
+
+    async def decided(self) -> None:
+        """Wait until the reply has started or given up (both wait on the same ASR pass
+        as the turn's final transcript, so this is at most a moment after it)."""
+        await self._decided.wait()
 
     def matches(self, speech_end: int | None, text: str, config: SessionConfig,
                 messages: list[dict[str, Any]]) -> bool:
