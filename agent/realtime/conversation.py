@@ -91,29 +91,33 @@ class Conversation:
 
     # -- what the model reads -------------------------------------------------------------
 
-    def messages(self, instructions: str, extra: list[dict[str, Any]] | None = None,
-                 ) -> list[dict[str, Any]]:
-        """The conversation as chat messages: instructions first, function calls and their
-        outputs as assistant tool calls and tool messages; `extra` items as if appended."""
-        out: list[dict[str, Any]] = [{"role": "system", "content": instructions}]
-        for item in [*self.items, *(extra or [])]:
-            kind = item.get("type")
-            if kind == "message":
-                text = item_text(item)
-                if text:
-                    out.append({"role": item["role"] if item["role"] != "system" else "system",
-                                "content": text})
-            elif kind == "function_call":
-                call = {"id": item["call_id"], "type": "function",
-                        "function": {"name": item["name"], "arguments": item["arguments"]}}
-                if out[-1].get("role") == "assistant" and out[-1].get("tool_calls"):
-                    out[-1]["tool_calls"].append(call)
-                else:
-                    out.append({"role": "assistant", "content": None, "tool_calls": [call]})
-            elif kind == "function_call_output":
-                out.append({"role": "tool", "tool_call_id": item["call_id"],
-                            "content": item.get("output") or ""})
-        return out
+    def messages(self, instructions: str) -> list[dict[str, Any]]:
+        """The conversation as chat messages (see `as_messages`)."""
+        return as_messages(instructions, self.items)
+
+
+def as_messages(instructions: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Items as chat messages: instructions first, function calls and their outputs as
+    assistant tool calls and tool messages."""
+    out: list[dict[str, Any]] = [{"role": "system", "content": instructions}]
+    for item in items:
+        kind = item.get("type")
+        if kind == "message":
+            text = item_text(item)
+            if text:
+                out.append({"role": item["role"] if item["role"] != "system" else "system",
+                            "content": text})
+        elif kind == "function_call":
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}
+            if out[-1].get("role") == "assistant" and out[-1].get("tool_calls"):
+                out[-1]["tool_calls"].append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            out.append({"role": "tool", "tool_call_id": item["call_id"],
+                        "content": item.get("output") or ""})
+    return out
 
 
 def item_text(item: dict[str, Any]) -> str:

@@ -37,7 +37,7 @@ from agent.chat.pipeline import (
     run_completion,
 )
 from agent.chat.request import AudioOutput, ChatRequest
-from agent.realtime.conversation import truncate_transcript
+from agent.realtime.conversation import as_messages, truncate_transcript
 from agent.realtime.protocol import new_item_id, server_event
 from agent.realtime.session_config import SessionConfig, to_response_object
 
@@ -110,6 +110,12 @@ def chat_request(session: Session, config: SessionConfig, messages: list[dict[st
         tool_choice=config.tool_choice, parallel_tool_calls=False)
 
 
+def spoken_item(transcript: str) -> dict[str, Any]:
+    """A user message item holding `transcript`, as a committed spoken turn becomes."""
+    return {"type": "message", "role": "user",
+            "content": [{"type": "input_audio", "transcript": transcript}]}
+
+
 async def prefill_conversation(session: Session, heard: str | None = None) -> None:
     """Generate one throw-away token on the conversation so far, so its KV cache is
     ready; the next response's prompt shares that prefix and prefills only what's new.
@@ -118,10 +124,10 @@ async def prefill_conversation(session: Session, heard: str | None = None) -> No
     The reply's prompt shares the words the final transcript keeps; where they differ the
     scheduler's prefix match drops the rest (the rollback)."""
     config = session.config
-    extra = None if heard is None else [
-        {"type": "message", "role": "user",
-         "content": [{"type": "input_audio", "transcript": heard}]}]
-    messages = session.conversation.messages(config.instructions, extra=extra)
+    items = session.conversation.items
+    if heard is not None:
+        items = [*items, spoken_item(heard)]
+    messages = as_messages(config.instructions, items)
     plan = await plan_completion(chat_request(session, config, messages, max_tokens=1,
                                               audio=False), messages, session.runtime,
                                  session_id=session.decoder_session)

@@ -232,6 +232,7 @@ class Session:
     async def _drop_speculation(self) -> None:
         spec, self._speculation = self._speculation, None
         if spec is not None:
+            log.debug("held reply dropped: pause at %s, text %r", spec.speech_end, spec.text)
             metrics.speculation("dropped" if spec.text is not None else "not_started")
             await spec.cancel()
 
@@ -248,6 +249,9 @@ class Session:
         if spec.matches(speech_end, text, self.config, messages):
             metrics.speculation("used")
             return spec
+        log.debug("held reply not used: pause at %s, turn end at %s; text %r, final %r; "
+                  "same messages %s", spec.speech_end, speech_end, spec.text, text,
+                  spec.messages == messages)
         metrics.speculation("dropped" if spec.text is not None else "not_started")
         await spec.cancel()
         return None

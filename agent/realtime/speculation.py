@@ -27,8 +27,9 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from agent.chat.pipeline import plan_completion, run_completion
+from agent.realtime.conversation import as_messages
 from agent.realtime.protocol import new_item_id
-from agent.realtime.response import chat_request
+from agent.realtime.response import chat_request, spoken_item
 
 if TYPE_CHECKING:
     from agent.realtime.session import Session
@@ -46,6 +47,7 @@ class Speculation:
         self.speech_end = speech_end
         self.config: SessionConfig = session.config
         self.text: str | None = None  # the transcript it answers, once known
+        self._items = list(session.conversation.items)
         self.messages: list[dict[str, Any]] | None = None
         # Held pipeline events. Bounded by the reply itself (max_output_tokens and its
         # audio), the same as what the response would have queued for sending.
@@ -61,10 +63,10 @@ class Speculation:
             if not text or (voiced is not None and voiced > self.speech_end):
                 return  # nothing heard, or the user went on speaking meanwhile
             self.text = text
-            user = {"type": "message", "role": "user",
-                    "content": [{"type": "input_audio", "transcript": text}]}
-            self.messages = self.session.conversation.messages(self.config.instructions,
-                                                               extra=[user])
+            # The conversation as it was at the pause: by now the turn may have been
+            # committed into it (and would count twice).
+            self.messages = as_messages(self.config.instructions,
+                                        [*self._items, spoken_item(text)])
             self._decided.set()
             request = chat_request(self.session, self.config, self.messages)
             plan = await plan_completion(request, self.messages, self.session.runtime,
