@@ -59,7 +59,9 @@ def document() -> dict[str, Any]:
     bodies = {}
     for name, title in (("openai/chat_completion_request", "ChatCompletionRequest"),
                         ("openai/speech_request", "SpeechRequest"),
-                        ("openai/transcription_request", "TranscriptionFields")):
+                        ("openai/transcription_request", "TranscriptionFields"),
+                        ("openai/realtime_client_secret_request",
+                         "RealtimeClientSecretRequest")):
         spec = _body(name)
         prefix = f"{title}_"
         for def_name, definition in spec.pop("$defs", {}).items():
@@ -102,6 +104,18 @@ def document() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": {
                     "multipart/form-data": {"schema": transcription_form}}},
                 "responses": {"200": json_ok, **_errors(400, 401, 404, 413)}}},
+            "/v1/realtime/client_secrets": {"post": {
+                "operationId": "createRealtimeClientSecret",
+                "description": "A short-lived secret a browser opens GET /v1/realtime with "
+                               "(WebSocket; see the README).",
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": bodies["RealtimeClientSecretRequest"]}}},
+                "responses": {"200": json_ok, **_errors(400, 401, 413)}}},
+            "/metrics": {"get": {
+                "operationId": "metrics",
+                "responses": {"200": {"description": "Prometheus text format",
+                                      "content": {"text/plain": {"schema": {"type": "string"}}}},
+                              **_errors(401)}}},
             "/v1/models": {"get": {"operationId": "listModels",
                                    "responses": {"200": json_ok, **_errors(401)}}},
             "/healthz": {"get": {"operationId": "health", "security": [],

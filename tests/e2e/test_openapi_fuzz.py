@@ -10,7 +10,8 @@ from schemathesis.checks import not_a_server_error
 from tests.e2e.conftest import API_KEY
 
 OPERATIONS = ["POST /v1/chat/completions", "POST /v1/audio/speech",
-              "POST /v1/audio/transcriptions", "GET /v1/models", "GET /healthz"]
+              "POST /v1/audio/transcriptions", "POST /v1/realtime/client_secrets",
+              "GET /v1/models", "GET /healthz", "GET /metrics"]
 
 
 @pytest.fixture(scope="module")
