@@ -103,7 +103,3 @@ class Speculation:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
-
-    @property
-    def running(self) -> bool:
-        return not self._task.done()
