@@ -131,6 +131,16 @@ class KVCache:
     def reset(self, slot: int) -> None:
         self.lengths[slot] = 0
 
+    def copy_prefix(self, src: int, dst: int, start: int, end: int) -> None:
+        """Positions start..end-1 of slot `src` into slot `dst`, which then holds `end`.
+
+        Keys and values at a position depend only on the tokens up to it, so a prefix
+        shared by two prompts (instructions, tool descriptions) need be computed once."""
+        self.k[:, dst, :, start:end].copy_(self.k[:, src, :, start:end])
+        self.v[:, dst, :, start:end].copy_(self.v[:, src, :, start:end])
+        self.lengths[dst] = end
+        self._clean[dst] = max(self._clean[dst], end)
+
     def ensure_clean(self, slots: range | list[int], upto: int) -> None:
         """Zero never-written positions below `upto` in `slots` (done once per position)."""
         for s in slots:

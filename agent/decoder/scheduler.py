@@ -10,7 +10,9 @@ batched decode step over every stream in decode, so streams join and leave betwe
 
 Sessions: a stream with a `session_id` keeps its cache slot after it ends; the next
 request of that session reuses the longest common prefix of token ids and prefills only
-the rest. `truncate(session_id, n)` cuts a session back (barge-in, rolled-back
+the rest. A request whose prompt shares a longer prefix with another cached session (the
+same instructions and tools) copies those keys and values instead of computing them.
+`truncate(session_id, n)` cuts a session back (barge-in, rolled-back
 speculation). Slots are bounded (`max_streams`); an idle session is evicted least recently
 used first when a new one needs a slot; requests wait while every slot is busy.
 
@@ -49,6 +51,8 @@ log = logging.getLogger(__name__)
 # far as a slot is used: SmolLM2 needs 45 KiB of float32 K/V per token (180 MiB for a
 # full slot), Qwen2.5-0.5B 24 KiB.
 DEFAULT_MAX_SEQ_LEN = 4096
+# Fewest prompt tokens worth copying from another session's cache instead of prefilling.
+MIN_SHARED_PREFIX = 64
 
 
 @dataclass
@@ -289,8 +293,25 @@ class Scheduler:
             common = _common_prefix(session.tokens, prompt, limit=len(prompt) - 1)
             del session.tokens[common:]
             self.cache.truncate(session.slot, common)
+            common = self._borrow_prefix(session, prompt, common)
             stream.cursor = stream.cached = common
             self._prefilling.append(stream)
+
+    def _borrow_prefix(self, session: _Session, prompt: list[int], have: int) -> int:
+        """Copy a longer shared prefix of `prompt` from another session's slot; returns how
+        many prompt tokens `session` now holds. Sessions opened with the same instructions
+        and tool descriptions (thousands of tokens with server tools) prefill them once."""
+        best, donor = have, None
+        for other in self._sessions.values():
+            if other is not session:
+                shared = _common_prefix(other.tokens, prompt, limit=len(prompt) - 1)
+                if shared > best:
+                    best, donor = shared, other
+        if donor is None or best - have < MIN_SHARED_PREFIX:
+            return have  # a copy is not worth it for a few tokens
+        self.cache.copy_prefix(donor.slot, session.slot, have, best)
+        session.tokens.extend(prompt[have:best])
+        return best
 
     def _session_for(self, stream: _Stream) -> _Session | None:
         sid = stream.request.session_id

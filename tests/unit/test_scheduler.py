@@ -11,7 +11,7 @@ import torch
 
 from agent.decoder.generate import Delta
 from agent.decoder.sampling import SamplingParams
-from agent.decoder.scheduler import GenerationRequest, Scheduler
+from agent.decoder.scheduler import MIN_SHARED_PREFIX, GenerationRequest, Scheduler
 from agent.errors import InvalidRequestError, ParleyError
 from tests.decoder_fixtures import QUESTION, fp32_engine
 
@@ -137,6 +137,33 @@ async def test_next_turn_prefills_only_the_new_tokens(engine, scheduler):
     usage = again[2].usage
     assert usage.cached_tokens >= last1.usage.prompt_tokens
     assert usage.prompt_tokens - usage.cached_tokens < 20  # just the new turn
+
+
+async def test_a_shared_prefix_is_copied_from_another_session(engine):
+    """Two sessions opened with the same long instructions: the second copies their keys
+    and values from the first, answers as if it had computed them, and the first is intact."""
+    system = {"role": "system",
+              "content": "You are Pip, the help desk of a bicycle shop in Leeds. " * 8}
+
+    def turn(question: str) -> GenerationRequest:
+        return GenerationRequest(messages=[system, {"role": "user", "content": question}],
+                                 session_id=question, params=SamplingParams(max_tokens=8))
+
+    shared = Scheduler(engine, max_streams=3, max_seq_len=512, prefill_chunk=32)
+    alone = Scheduler(engine, max_streams=3, max_seq_len=512, prefill_chunk=32)
+    try:
+        first = await collect(shared, turn("Do you repair brakes?"))
+        second = await collect(shared, turn("When do you open?"))
+        reference = await collect(alone, turn("When do you open?"))
+        assert reference[2].usage.cached_tokens == 0
+        instructions = len(engine.tokenizer.encode_chat([system]))
+        assert second[2].usage.cached_tokens >= max(instructions - 4, MIN_SHARED_PREFIX)
+        assert second[1] == reference[1]
+        again = await collect(shared, turn("Do you repair brakes?"))
+        assert again[1] == first[1]
+    finally:
+        shared.close()
+        alone.close()
 
 
 async def test_truncate_rolls_the_session_back(engine, scheduler):
