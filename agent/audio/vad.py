@@ -146,6 +146,12 @@ class VadOptions:
             if getattr(self, name) < 0:
                 raise InvalidRequestError(f"{name} must not be negative", param=name)
 
+    @property
+    def voiced_threshold(self) -> float:
+        """The probability from which a frame is voiced. OpenAI accepts 0 and 1, which
+        would mean "always" and "never" speech, so they are clamped."""
+        return min(max(self.threshold, 0.05), 0.99)
+
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: object) -> VadOptions:
         """The configured defaults, with a session's turn_detection values over them."""
@@ -213,8 +219,7 @@ class VadStream:
 
     def _step(self, probability: float, events: list[VadEvent]) -> None:
         frame_start, frame_end = self.position, self.position + FRAME
-        # OpenAI accepts 0 and 1, which would mean "always" and "never" speech.
-        threshold = min(max(self.options.threshold, 0.05), 0.99)
+        threshold = self.options.voiced_threshold
         voiced = probability >= threshold
         silent = probability < max(threshold - HYSTERESIS, threshold / 2)
         if not self.speaking:

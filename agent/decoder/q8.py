@@ -38,6 +38,13 @@ class Q8Weight:
     def padded_k(self) -> int:
         return self.qweight.shape[1]
 
+    def to(self, device: torch.device | str) -> Q8Weight:
+        """Contiguous tensors on `device`: float16 scales, float32 bias (what kernels read)."""
+        return Q8Weight(qweight=self.qweight.to(device).contiguous(),
+                        scales=self.scales.to(device, torch.float16).contiguous(),
+                        shape=self.shape, bias=None if self.bias is None
+                        else self.bias.to(device, torch.float32).contiguous())
+
     def tensors(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if isinstance(getattr(self, f.name), Tensor)}

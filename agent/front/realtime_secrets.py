@@ -7,6 +7,9 @@ made it, so a session opened with it acts as that key.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -15,23 +18,19 @@ from agent.front.body import read_json
 from agent.realtime.credentials import create_beta_session, create_client_secret
 
 
-async def create_realtime_client_secret(request: Request) -> JSONResponse:
-    body = await read_json(request)
-    state = request.app.state
-    secret = await create_client_secret(body, state.settings, state.store,
-                                        getattr(request.state, "api_key", None))
-    return JSONResponse(secret)
+def _issuer(create: Callable[..., Awaitable[dict[str, Any]]]) -> Callable[..., Any]:
+    """An endpoint that reads the JSON body and answers with what `create` makes of it."""
 
+    async def endpoint(request: Request) -> JSONResponse:
+        body = await read_json(request)
+        state = request.app.state
+        return JSONResponse(await create(body, state.settings, state.store,
+                                         getattr(request.state, "api_key", None)))
 
-async def create_realtime_beta_session(request: Request) -> JSONResponse:
-    body = await read_json(request)
-    state = request.app.state
-    session = await create_beta_session(body, state.settings, state.store,
-                                        getattr(request.state, "api_key", None))
-    return JSONResponse(session)
+    return endpoint
 
 
 ROUTES = [
-    Route("/v1/realtime/client_secrets", create_realtime_client_secret, methods=["POST"]),
-    Route("/v1/realtime/sessions", create_realtime_beta_session, methods=["POST"]),
+    Route("/v1/realtime/client_secrets", _issuer(create_client_secret), methods=["POST"]),
+    Route("/v1/realtime/sessions", _issuer(create_beta_session), methods=["POST"]),
 ]

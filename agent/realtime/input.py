@@ -68,7 +68,7 @@ class InputAudio:
         speaks): how long someone has spoken, not counting the pause after it."""
         if self.speaking_since is None or self.vad is None:
             return None
-        threshold = min(max(self.vad.options.threshold, 0.05), 0.99)  # as the VAD clamps it
+        threshold = self.vad.options.voiced_threshold
         for at, probability in reversed(self.vad.history):
             if at < self.speaking_since:
                 break

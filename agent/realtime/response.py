@@ -128,11 +128,19 @@ async def prefill_conversation(session: Session, heard: str | None = None) -> No
     if heard is not None:
         items = [*items, spoken_item(heard)]
     messages = as_messages(config.instructions, items)
-    plan = await plan_completion(chat_request(session, config, messages, max_tokens=1,
-                                              audio=False), messages, session.runtime,
-                                 session_id=session.decoder_session)
-    async for _ in run_completion(plan, streaming=True):
+    async for _ in completion_events(session, config, messages, max_tokens=1, audio=False):
         pass
+
+
+async def completion_events(session: Session, config: SessionConfig,
+                            messages: list[dict[str, Any]], *, max_tokens: int | None = None,
+                            audio: bool = True) -> AsyncIterator[Any]:
+    """The chat pipeline's events for `messages`, on the session's decoder cache."""
+    request = chat_request(session, config, messages, max_tokens=max_tokens, audio=audio)
+    plan = await plan_completion(request, messages, session.runtime,
+                                 session_id=session.decoder_session)
+    async for event in run_completion(plan, streaming=True, audio_ids=[new_item_id()]):
+        yield event
 
 
 class ResponseWriter:
@@ -186,10 +194,7 @@ class ResponseWriter:
         session, config = self.session, self.config
         await session.transcripts_ready()
         messages = session.conversation.messages(config.instructions)
-        request = chat_request(session, config, messages)
-        plan = await plan_completion(request, messages, session.runtime,
-                                     session_id=session.decoder_session)
-        async for event in run_completion(plan, streaming=True, audio_ids=[new_item_id()]):
+        async for event in completion_events(session, config, messages):
             yield event
 
     async def _handle(self, event: Any) -> None:

@@ -232,9 +232,13 @@ class Session:
     async def _drop_speculation(self) -> None:
         spec, self._speculation = self._speculation, None
         if spec is not None:
-            log.debug("held reply dropped: pause at %s, text %r", spec.speech_end, spec.text)
-            metrics.speculation("dropped" if spec.text is not None else "not_started")
-            await spec.cancel()
+            await self._discard(spec)
+
+    @staticmethod
+    async def _discard(spec: Speculation) -> None:
+        log.debug("held reply dropped: pause at %s, text %r", spec.speech_end, spec.text)
+        metrics.speculation("dropped" if spec.text is not None else "not_started")
+        await spec.cancel()
 
     async def _adopt_speculation(self, speech_end: int | None, text: str,
                                  ) -> Speculation | None:
@@ -249,11 +253,9 @@ class Session:
         if spec.matches(speech_end, text, self.config, messages):
             metrics.speculation("used")
             return spec
-        log.debug("held reply not used: pause at %s, turn end at %s; text %r, final %r; "
-                  "same messages %s", spec.speech_end, speech_end, spec.text, text,
-                  spec.messages == messages)
-        metrics.speculation("dropped" if spec.text is not None else "not_started")
-        await spec.cancel()
+        log.debug("held reply not used: turn end at %s, final %r, same messages %s",
+                  speech_end, text, spec.messages == messages)
+        await self._discard(spec)
         return None
 
     async def _on_input_audio_buffer_commit(self, event: dict[str, Any]) -> None:

@@ -26,10 +26,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from agent.chat.pipeline import plan_completion, run_completion
 from agent.realtime.conversation import as_messages
-from agent.realtime.protocol import new_item_id
-from agent.realtime.response import chat_request, spoken_item
+from agent.realtime.response import completion_events, spoken_item
 
 if TYPE_CHECKING:
     from agent.realtime.session import Session
@@ -68,11 +66,7 @@ class Speculation:
             self.messages = as_messages(self.config.instructions,
                                         [*self._items, spoken_item(text)])
             self._decided.set()
-            request = chat_request(self.session, self.config, self.messages)
-            plan = await plan_completion(request, self.messages, self.session.runtime,
-                                         session_id=self.session.decoder_session)
-            async for event in run_completion(plan, streaming=True,
-                                              audio_ids=[new_item_id()]):
+            async for event in completion_events(self.session, self.config, self.messages):
                 self._events.put_nowait(event)
         except Exception as exc:  # the real response will meet (and report) the same fault
             log.warning("speculative reply failed: %s", exc)

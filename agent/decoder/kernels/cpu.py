@@ -171,9 +171,7 @@ class CpuBackend:
     def prepare(self, w: NF4Weight | Q8Weight) -> NF4Weight | Q8Weight:
         """Float16 scales (double quantisation undone once), contiguous CPU tensors."""
         if isinstance(w, Q8Weight):
-            return Q8Weight(qweight=w.qweight.cpu().contiguous(),
-                            scales=w.scales.to(torch.float16).cpu().contiguous(), shape=w.shape,
-                            bias=None if w.bias is None else w.bias.float().cpu().contiguous())
+            return w.to("cpu")
         scales = w.block_scales(torch.float16) if w.double_quantised else w.scales
         return NF4Weight(
             qweight=w.qweight.cpu().contiguous(),

@@ -93,7 +93,7 @@ def _byte_values(packed, lut_ptr, MODE: tl.constexpr):
     """Float32 weights of both nibbles of `packed` bytes (int32), before the block scale.
 
     MODE 0 gathers each nibble from the 16-entry codebook, MODE 1 picks it by selects, MODE 2
-    gathers both at once from a 256-entry table of float32 pairs (`byte_pairs`).
+    gathers both at once from a 256-entry table of float32 pairs (`codebook_table`).
     """
     if MODE == 2:
         pair = tl.load(lut_ptr + packed)  # int64: high nibble's float32 bits << 32 | low's
@@ -388,9 +388,7 @@ class TritonBackend:
     def prepare(self, w: NF4Weight | Q8Weight) -> NF4Weight | Q8Weight:
         """Tensors on the backend's device, float16 scales, float32 bias."""
         if isinstance(w, Q8Weight):  # an 8-bit head: no kernel of its own here
-            return Q8Weight(qweight=w.qweight.to(self.device), scales=w.scales.to(self.device),
-                            shape=w.shape,
-                            bias=None if w.bias is None else w.bias.to(self.device))
+            return w.to(self.device)
         scales = w.block_scales(torch.float16) if w.double_quantised else w.scales
         return NF4Weight(
             qweight=w.qweight.to(self.device).contiguous(),
