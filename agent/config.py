@@ -59,6 +59,9 @@ class Settings:
     asr_language: str = "en"            # "auto" asks Whisper to detect it (twice the time)
     asr_threads: int = 2
     tts_threads: int = 1
+    # Piper varies prosody and timing at random on every call, as a speaker does; off, the
+    # same text always gives the same audio (reproducible output, cacheable, testable).
+    tts_variation: bool = True
     # voice name -> Piper .onnx path, or the name of a bundled voice ("joe")
     voices: dict[str, str] = field(default_factory=dict)
     default_voice: str = "alloy"

@@ -89,6 +89,7 @@ class TTSEngine:
     def __init__(self, settings: Settings, voices: VoiceBank | None = None):
         self.voices = voices or VoiceBank(settings)
         self.default_voice = settings.default_voice
+        self._varied = settings.tts_variation
         # onnxruntime uses `tts_threads` per run; this many runs fill the cores.
         workers = max(1, (os.cpu_count() or 2) // max(1, settings.tts_threads))
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="tts")
@@ -121,7 +122,8 @@ class TTSEngine:
         if not isinstance(text, str):
             raise InvalidRequestError(f"the text to speak must be a string, not {text!r}")
         loaded, length_scale = self._prepare(*self.check(voice, speed))
-        pieces = [_speak(loaded, clause, length_scale) for clause in split_clauses(text)]
+        pieces = [_speak(loaded, clause, length_scale, self._varied)
+                  for clause in split_clauses(text)]
         pcm = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
         return pcm, loaded.rate
 
@@ -163,21 +165,24 @@ class TTSEngine:
         return loaded, loaded.length_scale(speed)
 
     async def _clause(self, loaded: LoadedVoice, text: str, length_scale: float) -> AudioChunk:
-        pcm = await self._run(_speak, loaded, text, length_scale)
+        pcm = await self._run(_speak, loaded, text, length_scale, self._varied)
         return AudioChunk(pcm, loaded.rate, text)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
 
-def _speak(loaded: LoadedVoice, text: str, length_scale: float) -> np.ndarray:
-    """One clause through Piper (blocking). Piper may split it into sentences; join them."""
+def _speak(loaded: LoadedVoice, text: str, length_scale: float, varied: bool) -> np.ndarray:
+    """One clause through Piper (blocking). Piper may split it into sentences; join them.
+    Unvaried speech zeroes the two noise inputs, the only random part of Piper's model."""
     from piper import SynthesisConfig
 
     spoken = speakable(text)
     if not _SPEAKABLE.search(spoken):
         return np.zeros(0, np.float32)
     config = SynthesisConfig(length_scale=length_scale, volume=VOLUME)
+    if not varied:
+        config.noise_scale = config.noise_w_scale = 0.0
     pieces = [chunk.audio_float_array for chunk in loaded.piper.synthesize(spoken, config)]  # type: ignore[attr-defined]
     if not pieces:
         return np.zeros(0, np.float32)

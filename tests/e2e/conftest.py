@@ -32,6 +32,9 @@ def server(tmp_path_factory) -> str:
     # that an answer does not hinge on NF4 rounding; the decoder's own tests cover NF4.
     env = dict(os.environ, PARLEY_API_KEYS=API_KEY, PARLEY_MAX_AUDIO_SECONDS="60",
                PARLEY_LLM_BACKEND="fp32",
+               # Same text, same audio: whether Whisper hears a reply right must not hinge
+               # on Piper's random prosody (it misheard "Paris" in about one run in fifty).
+               PARLEY_TTS_VARIATION="false",
                PARLEY_TOOLS_DATA_DIR=str(tmp_path_factory.mktemp("tools")),
                PARLEY_MAX_AUDIO_BYTES=str(4 * 1024 * 1024), PARLEY_LOG_LEVEL="warning")
     with open(log, "w") as out:
@@ -78,7 +81,7 @@ def speak():
     from agent.config import load_settings
     from agent.speech.tts import TTSEngine
 
-    tts = TTSEngine(load_settings())
+    tts = TTSEngine(load_settings(tts_variation=False))
 
     def wav_of(text: str) -> bytes:
         return encode_audio(*tts.synthesize(text), "wav")

@@ -81,6 +81,18 @@ def test_duration_scales_with_one_over_speed(engine: TTSEngine):
     assert durations[4.0] < durations[1.0] / 1.8, durations
 
 
+def test_speech_varies_per_call_unless_variation_is_off(engine: TTSEngine, settings_):
+    varied = [engine.synthesize(SENTENCE)[0] for _ in range(3)]
+    assert len({pcm.tobytes() for pcm in varied}) > 1  # like a speaker, never twice the same
+    steady = TTSEngine(dataclasses.replace(settings_, tts_variation=False), engine.voices)
+    try:
+        first, again = (steady.synthesize(SENTENCE)[0] for _ in range(2))
+    finally:
+        steady.close()
+    assert np.array_equal(first, again)
+    assert 2.5 < seconds(first, 22050) < 7.0  # still the whole sentence
+
+
 @pytest.mark.parametrize("voice", OPENAI_VOICES)
 def test_every_openai_voice_name_speaks(engine: TTSEngine, voice: str):
     pcm, rate = engine.synthesize("Hello from Parley.", voice)
