@@ -12,9 +12,11 @@ Sessions: a stream with a `session_id` keeps its cache slot after it ends; the n
 request of that session reuses the longest common prefix of token ids and prefills only
 the rest. A request whose prompt shares a longer prefix with another cached session (the
 same instructions and tools) copies those keys and values instead of computing them.
-`truncate(session_id, n)` cuts a session back (barge-in, rolled-back
-speculation). Slots are bounded (`max_streams`); an idle session is evicted least recently
-used first when a new one needs a slot; requests wait while every slot is busy.
+A request without a session keeps its slot too, idle, as a donor of prefixes; the next
+such request sharing 64+ tokens with it takes that slot over. `truncate(session_id, n)`
+cuts a session back (barge-in, rolled-back speculation). Slots are bounded
+(`max_streams`); when a new session needs one, an idle sessionless slot is reused first,
+then the least recently used idle session; requests wait while every slot is busy.
 
 Cancellation: leaving the `async for` early, `aclose()`, or cancelling the task marks the
 stream; the worker drops it before its next step, so it stops within one step and its
@@ -321,17 +323,33 @@ class Scheduler:
                 return None  # the session's previous request is still running
             self._sessions.move_to_end(sid)
             return session
+        if sid is None and (kept := self._matching_ephemeral(stream.prompt)) is not None:
+            self._sessions.move_to_end(kept.id)
+            return kept
         if not self._free:
-            idle = next((s for s in self._sessions.values() if not s.busy), None)
-            if idle is None:
+            # A finished request without a session is only a prefix donor: it goes first.
+            idle = [s for s in self._sessions.values() if not s.busy]
+            if not idle:
                 return None
-            self._drop_session(idle)
+            self._drop_session(next((s for s in idle if s.ephemeral), idle[0]))
         ephemeral = sid is None
         sid = sid if sid is not None else f"_ephemeral-{next(self._ids)}"
         session = _Session(sid, self._free.pop(0), ephemeral=ephemeral)
         self.cache.reset(session.slot)
         self._sessions[sid] = session
         return session
+
+    def _matching_ephemeral(self, prompt: list[int]) -> _Session | None:
+        """The idle sessionless slot sharing the longest prefix (64+ tokens) with `prompt`:
+        consecutive requests of a stateless client (each tool round of a chat completion
+        resends the whole conversation) then prefill only what is new."""
+        best, found = MIN_SHARED_PREFIX - 1, None
+        for session in self._sessions.values():
+            if session.ephemeral and not session.busy:
+                shared = _common_prefix(session.tokens, prompt, limit=len(prompt) - 1)
+                if shared > best:
+                    best, found = shared, session
+        return found
 
     def _guarded(self, step: Any, streams: list[_Stream]) -> None:
         """Run a step; if it raises, the streams in it end with the error, the worker lives."""
@@ -427,8 +445,6 @@ class Scheduler:
             return
         session.busy = False
         self.cache.truncate(session.slot, len(session.tokens))
-        if session.ephemeral:
-            self._drop_session(session)
 
 
 def _as_parley_error(exc: BaseException) -> ParleyError:

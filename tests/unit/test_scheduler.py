@@ -166,6 +166,33 @@ async def test_a_shared_prefix_is_copied_from_another_session(engine):
         alone.close()
 
 
+async def test_requests_without_a_session_reuse_the_last_ones_prefix(engine):
+    """A stateless client resending a growing conversation (a chat completion's tool
+    rounds) prefills only what is new, and answers as a fresh scheduler would."""
+    system = {"role": "system", "content": "You book tables at Luigi's in Turin. " * 10}
+    first = [system, {"role": "user", "content": "A table for two tonight?"}]
+    shared = Scheduler(engine, max_streams=2, max_seq_len=512, prefill_chunk=32)
+    alone = Scheduler(engine, max_streams=2, max_seq_len=512, prefill_chunk=32)
+    params = SamplingParams(max_tokens=8)
+    try:
+        reply, _, last1 = await collect(shared, GenerationRequest(messages=first,
+                                                                  params=params))
+        second = [*first, {"role": "assistant", "content": reply},
+                  {"role": "user", "content": "At eight, please."}]
+        again = await collect(shared, GenerationRequest(messages=second, params=params))
+        reference = await collect(alone, GenerationRequest(messages=second, params=params))
+        assert again[2].usage.cached_tokens >= last1.usage.prompt_tokens
+        assert again[1] == reference[1]
+        # Sessionless slots give way first: a named session outlives them.
+        await collect(shared, raw(engine, "Hello there", session="kept", max_tokens=2))
+        await collect(shared, raw(engine, "Something else entirely", max_tokens=2))
+        await collect(shared, raw(engine, "Hello again", session="new", max_tokens=2))
+        assert await shared.session_tokens("kept")
+    finally:
+        shared.close()
+        alone.close()
+
+
 async def test_truncate_rolls_the_session_back(engine, scheduler):
     request = raw(engine, "Roses are red, violets are", session="rollback")
     first = await collect(scheduler, request)
