@@ -19,6 +19,10 @@ to read are zeroed the first time (`_clean`), so masked, never-written entries c
 carry NaNs into the softmax. K/V are float32: 46,080 bytes per token for SmolLM2-135M,
 24,576 for Qwen2.5-0.5B (`KVCache.bytes_per_token`).
 
+With the CPU kernels, a decode step's attention is one call per layer instead
+(`Transformer.decode_attention`, kernels/csrc/attention.h: the same maths on the same
+cache); the PyTorch ops here serve prefill and the other backends.
+
 A forward takes explicit positions (`start` per row) and sets `cache.lengths[slot]` to the
 end of what it wrote, so cutting a stream back is `cache.truncate(slot, n)`: attention never
 reads past a row's own position.
@@ -27,6 +31,7 @@ reads past a row's own position.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +146,12 @@ class KVCache:
         self.lengths[dst] = end
         self._clean[dst] = max(self._clean[dst], end)
 
+    def written(self, slots: list[int], end: list[int]) -> None:
+        """Positions below end[i] of slots[i] are about to hold keys and values (a decode
+        step writes the one at end - 1), so `ensure_clean` must leave them alone."""
+        for s, e in zip(slots, end, strict=True):
+            self._clean[s] = max(self._clean[s], e)
+
     def ensure_clean(self, slots: range | list[int], upto: int) -> None:
         """Zero never-written positions below `upto` in `slots` (done once per position)."""
         for s in slots:
@@ -176,6 +187,12 @@ class Step:
             raise InvalidRequestError(
                 f"context full: position {max(end)} exceeds {cache.max_seq_len}")
         self.slots, self.start, self.n_tokens = slots, start, n_tokens
+        self.fused = model.decode_attention if n_tokens == 1 else None
+        if self.fused is not None:  # the kernel reads slots, positions and tables itself
+            self.slot_ids, self.positions = torch.tensor(slots), torch.tensor(start)
+            self.tables = (model.rope_cos, model.rope_sin)
+            cache.written(slots, end)  # it reads only positions it has written
+            return
         positions = torch.tensor(start)[:, None] + torch.arange(n_tokens)  # [B, T]
         flat = positions.flatten()
         cos, sin = model.rope_cos[flat], model.rope_sin[flat]  # [B*T, D/2]
@@ -263,7 +280,12 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, step: Step, cache: KVCache) -> Tensor:
         bsz, seqlen, _ = x.shape
         h, hkv = self.n_head, self.n_kv_head
-        qkv = self.wqkv(x).view(bsz * seqlen, h + 2 * hkv, self.head_dim)  # [N, H+2Hkv, D]
+        qkv = self.wqkv(x)
+        if step.fused is not None:
+            y = step.fused(qkv, cache.k, cache.v, self.layer, step.slot_ids, step.positions,
+                           *step.tables, h, hkv)  # [B, H*D]
+            return self.wo(y.view(bsz, 1, -1))
+        qkv = qkv.view(bsz * seqlen, h + 2 * hkv, self.head_dim)  # [N, H+2Hkv, D]
         qk = qkv[:, :h + hkv]  # RoPE on the q and k heads at once
         if step.rope is not None:
             qk = torch.matmul(qk, step.rope)
@@ -339,6 +361,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        # A kernel backend's one-call decode attention (quantize.py sets it; see
+        # kernels/__init__.py), else the PyTorch ops below.
+        self.decode_attention: Callable[..., Tensor] | None = None
 
     def setup_rope(self, freq_factors: Tensor | None = None) -> None:
         """cos/sin tables [context_length, head_dim / 2] (float64 math, stored float32)."""

@@ -181,6 +181,8 @@ def quantize_model(model: nn.Module, backend: Backend | str = "auto",
         _set_submodule(model, name, NF4Linear(weights[name], backend))
     _fuse_feed_forwards(model)
     _swap_norms(model, backend)
+    factory = getattr(backend, "decode_attention_kernel", None)
+    model.decode_attention = factory() if factory else None  # type: ignore[assignment]
     return model
 
 

@@ -19,6 +19,8 @@ Outputs have x's dtype; every backend accumulates in float32.
 
 Optional extras a backend may offer (quantize.py and the benchmark look for them):
     rms_norm_kernel() -> callable (x, weight, eps) -> y, or None   a one-call RMSNorm
+    decode_attention_kernel() -> callable, or None   a decode step's attention in one call
+        (qkv, k_cache, v_cache, layer, slots, positions, cos, sin, n_head, n_kv_head) -> y
     set_threads(n) -> int   the kernels' own thread count, fixed before their first use
     use_threads(n) -> int   the threading the engine wants: kernels on n (0: default), torch on 1
 """

@@ -208,6 +208,12 @@ class CpuBackend:
         """
         return None if self._ext is None else self._ext.rms_norm
 
+    def decode_attention_kernel(self) -> Callable[..., Tensor] | None:
+        """One call per layer for a decode step's attention (RoPE, cache write, softmax;
+        see csrc/attention.h), or None on the fallback. The PyTorch path spends ~12 ops
+        and scaled_dot_product_attention, ~150 us a layer, mostly dispatch."""
+        return None if self._ext is None else self._ext.decode_attention
+
     def set_threads(self, n: int) -> int:
         """Fix the kernels' thread count (before their first use); returns the count in effect.
 

@@ -26,7 +26,9 @@
 #include <cstdint>
 #include <vector>
 
+#include "attention.h"
 #include "thread_pool.h"
+#include "vec_math.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -117,15 +119,6 @@ inline float half_to_float(uint16_t h) {
 
 constexpr int kMaxBlocks = 256;  // K up to 16384
 
-#if NF4_SIMD
-inline float hsum(__m256 v8) {
-  __m128 v = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
-  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-  v = _mm_add_ss(v, _mm_movehdup_ps(v));
-  return _mm_cvtss_f32(v);
-}
-#endif
-
 enum class Format { kNF4, kQ8 };
 
 // Bytes per 64-weight block of a weight row.
@@ -189,7 +182,7 @@ inline void row_dots(const uint8_t* w, const float* wscale, const QuantRows& xq,
     if constexpr (MR > 3) acc3 = step(acc3, 3, b, lo, hi);
   }
   const __m256 accs[4] = {acc0, acc1, acc2, acc3};
-  for (int r = 0; r < MR; ++r) out[r] = hsum(accs[r]);
+  for (int r = 0; r < MR; ++r) out[r] = nf4::hsum8(accs[r]);
 #else
   for (int r = 0; r < MR; ++r) {
     const int8_t* xr = xq.q.data() + (r0 + r) * kp;
@@ -246,7 +239,11 @@ void run_rows(const uint8_t* qweight, const at::Half* scales, const float* bias,
               int64_t out_stride, int64_t partner, Epilogue epilogue, float* out) {
   const int64_t nb = kp / kBlock;
   const int64_t row_bytes = nb * block_bytes(F);
+  const int64_t width = n_end - n_begin;
   std::vector<float> sc(nb), sc2(nb);
+  // SwiGLU: gates go to `out`, ups here; the activation then runs eight columns at a time.
+  thread_local std::vector<float> ups;
+  if (epilogue == Epilogue::kSwiGLU) ups.resize(m * width);
   float dots[kMaxRows], dots2[kMaxRows];
   for (int64_t n = n_begin; n < n_end; ++n) {
     convert_scales(scales + n * nb, nb, sc.data());
@@ -264,9 +261,15 @@ void run_rows(const uint8_t* qweight, const at::Half* scales, const float* bias,
       const float bg = bias ? bias[n] : 0.0f;
       const float bu = bias ? bias[n + partner] : 0.0f;
       for (int r = 0; r < rows; ++r) {
-        const float g = dots[r] + bg;
-        out[(r0 + r) * out_stride + n] = g / (1.0f + std::exp(-g)) * (dots2[r] + bu);
+        out[(r0 + r) * out_stride + n] = dots[r] + bg;
+        ups[(r0 + r) * width + n - n_begin] = dots2[r] + bu;
       }
+    }
+  }
+  if (epilogue == Epilogue::kSwiGLU) {
+    for (int64_t r = 0; r < m; ++r) {
+      float* gates = out + r * out_stride + n_begin;
+      nf4::silu_mul_n(gates, ups.data() + r * width, gates, width);
     }
   }
 }
@@ -372,6 +375,14 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
+at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache,
+                            int64_t layer, const at::Tensor& slots,
+                            const at::Tensor& positions, const at::Tensor& cos,
+                            const at::Tensor& sin, int64_t n_head, int64_t n_kv_head) {
+  return nf4::decode_attention(qkv, k_cache, v_cache, layer, slots, positions, cos, sin,
+                               n_head, n_kv_head, pool());
+}
+
 bool simd_enabled() { return NF4_SIMD == 1; }
 
 int threads() { return pool().size(); }
@@ -394,6 +405,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu", &nf4_swiglu, release(),
         "silu(x @ Wg.T + bg) * (x @ Wu.T + bu), W = [Wg; Wu]");
   m.def("rms_norm", &rms_norm, release(), "x / rms(x) * weight over the last dimension");
+  m.def("decode_attention", &decode_attention, release(),
+        "one decode step of attention: RoPE, k and v into the cache, softmax(q.K) V");
   m.def("simd_enabled", &simd_enabled, "whether the AVX2/FMA/F16C path was compiled");
   m.def("threads", &threads, "threads the kernels use (the caller plus helpers)");
   m.def("set_threads", &set_threads, "fix the kernels' thread count (before first use)");

@@ -1,0 +1,121 @@
+// Eight-wide float helpers for AVX2 (exp, silu, horizontal sum) with scalar twins.
+//
+// exp8: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (the
+// truncation error r^7 / 7! is below 1.3e-7 of the result), 2^n built in the exponent
+// bits. Inputs are clamped to [-87, 88], where float32 exp is finite and normal; softmax
+// and SiLU need nothing outside it. std::exp costs ~40x more per value when called once
+// per element, which is what the SwiGLU epilogue and the attention softmax did.
+
+#pragma once
+
+#include <cmath>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define NF4_VEC_MATH 1
+#else
+#define NF4_VEC_MATH 0
+#endif
+
+namespace nf4 {
+
+#if NF4_VEC_MATH
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // ln2 in two parts so n * ln2 is exact enough for |n| up to 127.
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// silu(g) * u = g / (1 + e^-g) * u
+inline __m256 silu_mul8(__m256 g, __m256 u) {
+  const __m256 denom = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)));
+  return _mm256_mul_ps(_mm256_div_ps(g, denom), u);
+}
+
+inline float hsum8(__m256 v8) {
+  __m128 v = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  v = _mm_add_ss(v, _mm_movehdup_ps(v));
+  return _mm_cvtss_f32(v);
+}
+#endif
+
+inline float silu_mul(float g, float u) { return g / (1.0f + std::exp(-g)) * u; }
+
+// out[i] = silu(g[i]) * u[i] for n values (out may alias g).
+inline void silu_mul_n(const float* g, const float* u, float* out, int64_t n) {
+  int64_t i = 0;
+#if NF4_VEC_MATH
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(out + i, silu_mul8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
+  }
+#endif
+  for (; i < n; ++i) out[i] = silu_mul(g[i], u[i]);
+}
+
+// x[i] = exp(x[i] - shift) for n values; returns their sum.
+inline float exp_shifted_sum(float* x, int64_t n, float shift) {
+  int64_t i = 0;
+  float total = 0.0f;
+#if NF4_VEC_MATH
+  const __m256 s = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), s));
+    _mm256_storeu_ps(x + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  total = hsum8(acc);
+#endif
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - shift);
+    total += x[i];
+  }
+  return total;
+}
+
+// Dot product of two float vectors of length n.
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float total = 0.0f;
+#if NF4_VEC_MATH
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  }
+  total = hsum8(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// y[i] += w * x[i] for n values.
+inline void axpy(float w, const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+#if NF4_VEC_MATH
+  const __m256 wv = _mm256_set1_ps(w);
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  }
+#endif
+  for (; i < n; ++i) y[i] += w * x[i];
+}
+
+}  // namespace nf4

@@ -1,0 +1,97 @@
+"""The CPU backend's one-call decode attention against the PyTorch ops it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agent.decoder.generate import decode_one, prefill
+from agent.decoder.kernels import get_backend
+from agent.decoder.kernels.cpu import CpuBackend
+from agent.decoder.model import apply_rope
+from tests.decoder_fixtures import fp32_engine
+
+
+@pytest.fixture(scope="module")
+def kernel(settings):
+    backend = get_backend("cpu", settings.cache_dir)
+    assert isinstance(backend, CpuBackend)
+    if not backend.native:
+        pytest.skip("no C++ compiler: the CPU backend runs its PyTorch fallback")
+    return backend.decode_attention_kernel()
+
+
+def reference(qkv, k, v, layer, slots, positions, cos, sin, n_head, n_kv):
+    """RoPE, cache write and softmax attention with PyTorch ops, row by row."""
+    d = k.shape[-1]
+    x = qkv.view(len(slots), n_head + 2 * n_kv, d)
+    qk = apply_rope(x[:, :n_head + n_kv], cos[positions][:, None], sin[positions][:, None])
+    out = []
+    for row, (slot, p) in enumerate(zip(slots.tolist(), positions.tolist(), strict=True)):
+        k[layer, slot, :, p] = qk[row, n_head:]
+        v[layer, slot, :, p] = x[row, n_head + n_kv:]
+        keys = k[layer, slot, :, :p + 1].repeat_interleave(n_head // n_kv, 0)
+        values = v[layer, slot, :, :p + 1].repeat_interleave(n_head // n_kv, 0)
+        y = F.scaled_dot_product_attention(qk[row, :n_head, None], keys, values)
+        out.append(y.reshape(-1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(("n_head", "n_kv", "d"), [(9, 3, 64), (14, 2, 64), (4, 4, 40)])
+def test_matches_the_pytorch_ops_on_random_caches(kernel, n_head, n_kv, d):
+    torch.manual_seed(n_head)
+    layers, n_slots, length = 3, 6, 700
+    k, v = torch.randn(layers, n_slots, n_kv, length, d), torch.randn(layers, n_slots, n_kv,
+                                                                       length, d)
+    k_ref, v_ref = k.clone(), v.clone()
+    angles = torch.rand(length, d // 2) * 20
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.tensor([4, 0, 2])  # any slots, in any order
+    positions = torch.tensor([0, 37, 650])  # a first token, a short and a long history
+    qkv = torch.randn(3, (n_head + 2 * n_kv) * d)
+    got = kernel(qkv, k, v, 1, slots, positions, cos, sin, n_head, n_kv)
+    want = reference(qkv, k_ref, v_ref, 1, slots, positions, cos, sin, n_head, n_kv)
+    assert got.shape == (3, n_head * d)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k, k_ref, rtol=1e-6, atol=1e-6)  # the new keys, rotated
+    assert torch.equal(v, v_ref)  # the new values, as they came
+
+
+def test_out_of_range_slots_and_positions_are_refused(kernel):
+    k = v = torch.zeros(1, 2, 1, 8, 8)
+    tables = torch.ones(8, 4), torch.zeros(8, 4)
+    qkv = torch.zeros(1, 24)
+    with pytest.raises(RuntimeError, match="slot"):
+        kernel(qkv, k, v, 0, torch.tensor([2]), torch.tensor([0]), *tables, 1, 1)
+    with pytest.raises(RuntimeError, match="position"):
+        kernel(qkv, k, v, 0, torch.tensor([0]), torch.tensor([8]), *tables, 1, 1)
+
+
+def test_the_model_decodes_the_same_with_the_kernel(kernel):
+    """fp32 linears, so attention is the only difference: three streams in scattered
+    slots at different positions give the same tokens and logits either way."""
+    engine = fp32_engine("smollm2")
+    model = engine.model
+    prompts = [engine.encode_prompt(q) for q in
+               ("What is the capital of France?", "Name a colour.", "Count to three: one,")]
+    slots = [5, 1, 3]
+    runs = {}
+    with torch.inference_mode():
+        for label, fused in (("torch", None), ("kernel", kernel)):
+            model.decode_attention = fused
+            cache = model.new_cache(6, 256)
+            tokens = [int(prefill(model, cache, s, p).argmax())
+                      for s, p in zip(slots, prompts, strict=True)]
+            positions = [len(p) for p in prompts]
+            steps = []
+            for _ in range(12):
+                logits = decode_one(model, cache, tokens, slots, positions)
+                steps.append(logits)
+                tokens = logits.argmax(dim=-1).tolist()
+                positions = [p + 1 for p in positions]
+            runs[label] = steps
+    model.decode_attention = None
+    for ours, theirs in zip(runs["kernel"], runs["torch"], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=2e-4)
+        assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
