@@ -184,10 +184,7 @@ class CpuBackend:
         return self.bind(w)(x)
 
     def swiglu(self, x: Tensor, w: NF4Weight) -> Tensor:
-        if self._ext is None:
-            return reference_swiglu(x, w)
-        w = self._ready(w)
-        return self._ext.swiglu(w.qweight, w.scales, w.bias, x)
+        return self.bind(w, swiglu=True)(x)
 
     def bind(self, w: NF4Weight | Q8Weight, swiglu: bool = False) -> Callable[[Tensor], Tensor]:
         """One C++ call per use: the weight's tensors are bound here, not looked up per call."""
@@ -198,7 +195,7 @@ class CpuBackend:
         if isinstance(w, Q8Weight):
             return partial(self._ext.q8_linear, w.qweight, w.scales, w.bias)
         op = self._ext.swiglu if swiglu else self._ext.linear
-        return partial(op, w.qweight, w.scales, w.bias)
+        return partial(op, w.qweight, w.scales, self._ext.code_sums(w.qweight), w.bias)
 
     def rms_norm_kernel(self) -> Callable[[Tensor, Tensor, float], Tensor] | None:
         """A one-call RMSNorm (x, weight, eps), or None on the fallback.
