@@ -21,7 +21,8 @@ carry NaNs into the softmax. K/V are float32: 46,080 bytes per token for SmolLM2
 
 With the CPU kernels, a decode step's attention is one call per layer instead
 (`Transformer.decode_attention`, kernels/csrc/attention.h: the same maths on the same
-cache); the PyTorch ops here serve prefill and the other backends.
+cache), and with NF4 linears the whole block is (`TransformerBlock.decode_step`); the
+PyTorch ops here serve prefill and the other backends.
 
 A forward takes explicit positions (`start` per row) and sets `cache.lengths[slot]` to the
 end of what it wrote, so cutting a stream back is `cache.truncate(slot, n)`: attention never
@@ -345,8 +346,15 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(args, layer)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
+        # A kernel backend's whole block for a decode step in one call (quantize.py sets
+        # it): the same kernels as the modules below, without their Python overhead.
+        self.decode_step: Callable[..., Tensor] | None = None
 
     def forward(self, x: Tensor, step: Step, cache: KVCache) -> Tensor:
+        if step.fused is not None and self.decode_step is not None:
+            a = self.attention
+            return self.decode_step(x, cache.k, cache.v, a.layer, step.slot_ids,
+                                    step.positions, *step.tables, a.n_head, a.n_kv_head)
         x = x + self.attention(self.attention_norm(x), step, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 

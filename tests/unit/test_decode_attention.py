@@ -95,3 +95,33 @@ def test_the_model_decodes_the_same_with_the_kernel(kernel):
     for ours, theirs in zip(runs["kernel"], runs["torch"], strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=2e-4)
         assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+def test_the_one_call_block_equals_the_modules_to_the_bit(settings):
+    """NF4 model: a decode step through each block's one C++ call gives exactly the
+    logits of the modules calling the same kernels one by one."""
+    from agent.decoder.engine import load_engine
+
+    engine = load_engine("smollm2", settings=settings, backend="cpu", progress=False)
+    model = engine.model
+    if model.layers[0].decode_step is None:
+        pytest.skip("no C++ compiler: the CPU backend runs its PyTorch fallback")
+    steps = [layer.decode_step for layer in model.layers]
+    prompts = [engine.encode_prompt(q) for q in ("What is the capital of France?", "Hi!")]
+    slots = [2, 0]
+    runs = {}
+    with torch.inference_mode():
+        for label, fused in (("modules", [None] * len(steps)), ("block", steps)):
+            for layer, step in zip(model.layers, fused, strict=True):
+                layer.decode_step = step
+            cache = model.new_cache(3, 128)
+            tokens = [int(prefill(model, cache, s, p).argmax())
+                      for s, p in zip(slots, prompts, strict=True)]
+            positions = [len(p) for p in prompts]
+            logits = []
+            for _ in range(6):
+                logits.append(decode_one(model, cache, tokens, slots, positions))
+                tokens = logits[-1].argmax(dim=-1).tolist()
+                positions = [p + 1 for p in positions]
+            runs[label] = torch.stack(logits)
+    assert torch.equal(runs["block"], runs["modules"])

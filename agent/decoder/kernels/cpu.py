@@ -211,6 +211,26 @@ class CpuBackend:
         and scaled_dot_product_attention, ~150 us a layer, mostly dispatch."""
         return None if self._ext is None else self._ext.decode_attention
 
+    def decode_block_kernel(self, norm1: Tensor, wqkv: NF4Weight, wo: NF4Weight,
+                            norm2: Tensor, w13: NF4Weight, w2: NF4Weight,
+                            eps: float) -> Callable[..., Tensor] | None:
+        """A decode step through a whole transformer block in one call (csrc decode_block:
+        the kernels the modules would call, in the same order), bound to the block's
+        weights: (x, k_cache, v_cache, layer, slots, positions, cos, sin, n_head,
+        n_kv_head) -> x. None on the fallback."""
+        if self._ext is None:
+            return None
+        wqkv, wo, w13, w2 = (self._ready(w) for w in (wqkv, wo, w13, w2))
+
+        def nf4(w: NF4Weight) -> list[Tensor]:
+            return [w.qweight, w.scales, self._ext.code_sums(w.qweight)]
+
+        def norm(weight: Tensor) -> Tensor:
+            return weight.detach().float().contiguous()
+
+        tensors = [norm(norm1), *nf4(wqkv), *nf4(wo), norm(norm2), *nf4(w13), *nf4(w2)]
+        return partial(self._ext.decode_block, tensors, wqkv.bias, eps)
+
     def set_threads(self, n: int) -> int:
         """Fix the kernels' thread count (before their first use); returns the count in effect.
 
