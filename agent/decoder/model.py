@@ -19,10 +19,10 @@ to read are zeroed the first time (`_clean`), so masked, never-written entries c
 carry NaNs into the softmax. K/V are float32: 46,080 bytes per token for SmolLM2-135M,
 24,576 for Qwen2.5-0.5B (`KVCache.bytes_per_token`).
 
-With the CPU kernels, a decode step's attention is one call per layer instead
-(`Transformer.decode_attention`, kernels/csrc/attention.h: the same maths on the same
-cache), and with NF4 linears the whole block is (`TransformerBlock.decode_step`); the
-PyTorch ops here serve prefill and the other backends.
+With the CPU kernels, the attention of a decode step or of a one-slot prompt chunk is one
+call per layer instead (`Transformer.token_attention`, kernels/csrc/attention.h: the same
+maths on the same cache, one row per new token), and with NF4 linears the whole block is
+(`TransformerBlock.kernel_forward`); the PyTorch ops here serve the other backends.
 
 A forward takes explicit positions (`start` per row) and sets `cache.lengths[slot]` to the
 end of what it wrote, so cutting a stream back is `cache.truncate(slot, n)`: attention never
@@ -148,8 +148,9 @@ class KVCache:
         self._clean[dst] = max(self._clean[dst], end)
 
     def written(self, slots: list[int], end: list[int]) -> None:
-        """Positions below end[i] of slots[i] are about to hold keys and values (a decode
-        step writes the one at end - 1), so `ensure_clean` must leave them alone."""
+        """Positions below end[i] of slots[i] hold keys and values once the kernel path's
+        step has written the new ones (the rest were written before), so `ensure_clean`
+        must leave them alone."""
         for s, e in zip(slots, end, strict=True):
             self._clean[s] = max(self._clean[s], e)
 
@@ -188,9 +189,12 @@ class Step:
             raise InvalidRequestError(
                 f"context full: position {max(end)} exceeds {cache.max_seq_len}")
         self.slots, self.start, self.n_tokens = slots, start, n_tokens
-        self.fused = model.decode_attention if n_tokens == 1 else None
+        # The kernel path: one row per new token, each with its slot and position (a
+        # decode step, or one slot's prompt chunk, causal by position).
+        self.fused = model.token_attention if (n_tokens == 1 or len(slots) == 1) else None
         if self.fused is not None:  # the kernel reads slots, positions and tables itself
-            self.slot_ids, self.positions = torch.tensor(slots), torch.tensor(start)
+            self.slot_ids = torch.tensor(slots).repeat_interleave(n_tokens)
+            self.positions = (torch.tensor(start)[:, None] + torch.arange(n_tokens)).flatten()
             self.tables = (model.rope_cos, model.rope_sin)
             cache.written(slots, end)  # it reads only positions it has written
             return
@@ -285,7 +289,7 @@ class Attention(nn.Module):
         if step.fused is not None:
             y = step.fused(qkv, cache.k, cache.v, self.layer, step.slot_ids, step.positions,
                            *step.tables, h, hkv)  # [B, H*D]
-            return self.wo(y.view(bsz, 1, -1))
+            return self.wo(y.view(bsz, seqlen, -1))
         qkv = qkv.view(bsz * seqlen, h + 2 * hkv, self.head_dim)  # [N, H+2Hkv, D]
         qk = qkv[:, :h + hkv]  # RoPE on the q and k heads at once
         if step.rope is not None:
@@ -346,14 +350,14 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(args, layer)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
-        # A kernel backend's whole block for a decode step in one call (quantize.py sets
-        # it): the same kernels as the modules below, without their Python overhead.
-        self.decode_step: Callable[..., Tensor] | None = None
+        # A kernel backend's whole block in one call (quantize.py sets it): the same
+        # kernels as the modules below, without their Python overhead.
+        self.kernel_forward: Callable[..., Tensor] | None = None
 
     def forward(self, x: Tensor, step: Step, cache: KVCache) -> Tensor:
-        if step.fused is not None and self.decode_step is not None:
+        if step.fused is not None and self.kernel_forward is not None:
             a = self.attention
-            return self.decode_step(x, cache.k, cache.v, a.layer, step.slot_ids,
+            return self.kernel_forward(x, cache.k, cache.v, a.layer, step.slot_ids,
                                     step.positions, *step.tables, a.n_head, a.n_kv_head)
         x = x + self.attention(self.attention_norm(x), step, cache)
         return x + self.feed_forward(self.ffn_norm(x))
@@ -369,9 +373,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
-        # A kernel backend's one-call decode attention (quantize.py sets it; see
+        # A kernel backend's one-call attention for new tokens (quantize.py sets it; see
         # kernels/__init__.py), else the PyTorch ops below.
-        self.decode_attention: Callable[..., Tensor] | None = None
+        self.token_attention: Callable[..., Tensor] | None = None
 
     def setup_rope(self, freq_factors: Tensor | None = None) -> None:
         """cos/sin tables [context_length, head_dim / 2] (float64 math, stored float32)."""

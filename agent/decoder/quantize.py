@@ -181,7 +181,7 @@ def quantize_model(model: nn.Module, backend: Backend | str = "auto",
         _set_submodule(model, name, NF4Linear(weights[name], backend))
     _fuse_feed_forwards(model)
     _swap_norms(model, backend)
-    _fuse_decode_steps(model, backend)
+    _fuse_kernel_paths(model, backend)
     return model
 
 
@@ -218,23 +218,23 @@ def _swap_norms(model: nn.Module, backend: Backend) -> None:
         _set_submodule(model, name, KernelRMSNorm(norm.weight, norm.eps, kernel))
 
 
-def _fuse_decode_steps(model: nn.Module, backend: Backend) -> None:
-    """Give the model the backend's one-call decode attention and each NF4 block its
-    one-call decode step, where the backend has them (see kernels/__init__.py)."""
+def _fuse_kernel_paths(model: nn.Module, backend: Backend) -> None:
+    """Give the model the backend's one-call attention and each NF4 block its one-call
+    forward, where the backend has them (see kernels/__init__.py)."""
     from agent.decoder.model import Transformer, TransformerBlock
 
     if not isinstance(model, Transformer):
         return
-    attention = getattr(backend, "decode_attention_kernel", None)
-    model.decode_attention = attention() if attention else None
-    block_kernel = getattr(backend, "decode_block_kernel", None)
+    attention = getattr(backend, "token_attention_kernel", None)
+    model.token_attention = attention() if attention else None
+    block_kernel = getattr(backend, "block_kernel", None)
     for block in model.layers:
         assert isinstance(block, TransformerBlock)
         ff, att = block.feed_forward, block.attention
         if block_kernel is None or not isinstance(ff, NF4FeedForward) \
                 or not isinstance(att.wqkv, NF4Linear) or not isinstance(att.wo, NF4Linear):
             continue
-        block.decode_step = block_kernel(
+        block.kernel_forward = block_kernel(
             block.attention_norm.weight, att.wqkv.weight_nf4, att.wo.weight_nf4,
             block.ffn_norm.weight, ff.w13.weight_nf4, ff.w2.weight_nf4, model.args.norm_eps)
 

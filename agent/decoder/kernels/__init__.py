@@ -19,10 +19,10 @@ Outputs have x's dtype; every backend accumulates in float32.
 
 Optional extras a backend may offer (quantize.py and the benchmark look for them):
     rms_norm_kernel() -> callable (x, weight, eps) -> y, or None   a one-call RMSNorm
-    decode_attention_kernel() -> callable, or None   a decode step's attention in one call
+    token_attention_kernel() -> callable, or None   new tokens' attention in one call
         (qkv, k_cache, v_cache, layer, slots, positions, cos, sin, n_head, n_kv_head) -> y
-    decode_block_kernel(norm1, wqkv, wo, norm2, w13, w2, eps) -> callable, or None
-        a decode step through a whole block of NF4 linears in one call
+    block_kernel(norm1, wqkv, wo, norm2, w13, w2, eps) -> callable, or None
+        new tokens through a whole block of NF4 linears in one call
         (x, k_cache, v_cache, layer, slots, positions, cos, sin, n_head, n_kv_head) -> x
     set_threads(n) -> int   the kernels' own thread count, fixed before their first use
     use_threads(n) -> int   the threading the engine wants: kernels on n (0: default), torch on 1

@@ -205,16 +205,16 @@ class CpuBackend:
         """
         return None if self._ext is None else self._ext.rms_norm
 
-    def decode_attention_kernel(self) -> Callable[..., Tensor] | None:
-        """One call per layer for a decode step's attention (RoPE, cache write, softmax;
-        see csrc/attention.h), or None on the fallback. The PyTorch path spends ~12 ops
-        and scaled_dot_product_attention, ~150 us a layer, mostly dispatch."""
-        return None if self._ext is None else self._ext.decode_attention
+    def token_attention_kernel(self) -> Callable[..., Tensor] | None:
+        """One call per layer for the attention of new tokens (RoPE, cache write,
+        softmax; see csrc/attention.h), or None on the fallback. The PyTorch path spends
+        ~12 ops and scaled_dot_product_attention, ~150 us a layer, mostly dispatch."""
+        return None if self._ext is None else self._ext.token_attention
 
-    def decode_block_kernel(self, norm1: Tensor, wqkv: NF4Weight, wo: NF4Weight,
+    def block_kernel(self, norm1: Tensor, wqkv: NF4Weight, wo: NF4Weight,
                             norm2: Tensor, w13: NF4Weight, w2: NF4Weight,
                             eps: float) -> Callable[..., Tensor] | None:
-        """A decode step through a whole transformer block in one call (csrc decode_block:
+        """New tokens through a whole transformer block in one call (csrc block_forward:
         the kernels the modules would call, in the same order), bound to the block's
         weights: (x, k_cache, v_cache, layer, slots, positions, cos, sin, n_head,
         n_kv_head) -> x. None on the fallback."""
@@ -229,7 +229,7 @@ class CpuBackend:
             return weight.detach().float().contiguous()
 
         tensors = [norm(norm1), *nf4(wqkv), *nf4(wo), norm(norm2), *nf4(w13), *nf4(w2)]
-        return partial(self._ext.decode_block, tensors, wqkv.bias, eps)
+        return partial(self._ext.block_forward, tensors, wqkv.bias, eps)
 
     def set_threads(self, n: int) -> int:
         """Fix the kernels' thread count (before their first use); returns the count in effect.

@@ -1,11 +1,13 @@
-// One decode step of attention in one call: what model.Attention does for a single new
-// token per row with ~12 PyTorch ops and scaled_dot_product_attention (RoPE on the q and
-// k heads, k and v written into the cache slot at the row's position, softmax(q.K/sqrt(D))
-// over positions 0..pos, times V), at a few microseconds of dispatch instead of ~150 per
-// layer. Same maths as the PyTorch path in float32; the rotate-half RoPE layout.
+// Attention for new tokens in one call, each token a row with its own cache slot and
+// position: RoPE on the q and k heads, every row's k and v written into the cache first,
+// then softmax(q.K/sqrt(D)) over positions 0..pos of the row's slot, times V. A decode
+// step is one row per stream; a prompt chunk is rows of one slot at consecutive positions,
+// which makes the same loop causal. What model.Attention does with ~12 PyTorch ops and
+// scaled_dot_product_attention, at a few microseconds of dispatch instead of ~150 per
+// layer. Same maths in float32; the rotate-half RoPE layout.
 //
-// Shapes: qkv [B, (H + 2 Hkv) D]; caches [L, S, Hkv, T, D] (model.KVCache); slots and
-// positions int64 [B]; cos, sin [context, D / 2]. Returns [B, H D].
+// Shapes: qkv [R, (H + 2 Hkv) D]; caches [L, S, Hkv, T, D] (model.KVCache); slots and
+// positions int64 [R]; cos, sin [context, D / 2]. Returns [R, H D].
 
 #pragma once
 
@@ -59,7 +61,7 @@ inline void weighted_rows(const float* p, const float* v, int64_t n, int64_t d, 
   }
 }
 
-inline at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor& k_cache,
+inline at::Tensor token_attention(const at::Tensor& qkv, at::Tensor& k_cache,
                                    at::Tensor& v_cache, int64_t layer,
                                    const at::Tensor& slots, const at::Tensor& positions,
                                    const at::Tensor& cos, const at::Tensor& sin,
@@ -96,7 +98,8 @@ inline at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor& k_cache,
   const float* sp = s.data_ptr<float>();
   const int64_t half = d / 2;
 
-  // The new keys (rotated) and values first: every query head of the row reads them.
+  // The new keys (rotated) and values first: the row's query heads, and later rows of
+  // the same slot, read them.
   for (int64_t b = 0; b < b_rows; ++b) {
     for (int64_t g = 0; g < n_kv_head; ++g) {
       const int64_t at = (slot[b] * n_kv_head + g) * head_stride + pos[b] * d;

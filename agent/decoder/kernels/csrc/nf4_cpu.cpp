@@ -453,35 +453,36 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
-at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache,
+at::Tensor token_attention(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache,
                             int64_t layer, const at::Tensor& slots,
                             const at::Tensor& positions, const at::Tensor& cos,
                             const at::Tensor& sin, int64_t n_head, int64_t n_kv_head) {
-  return nf4::decode_attention(qkv, k_cache, v_cache, layer, slots, positions, cos, sin,
+  return nf4::token_attention(qkv, k_cache, v_cache, layer, slots, positions, cos, sin,
                                n_head, n_kv_head, pool());
 }
 
-// A decode step (one new token per row) through a whole transformer block:
+// New tokens (rows with a slot and a position each, as token_attention takes them)
+// through a whole transformer block:
 //   h = x + wo(attention(norm1(x)));  out = h + w2(swiglu(w13(norm2(h))))
 // with the same kernels the PyTorch modules call one by one (model.TransformerBlock with
 // NF4 linears), so the result is the same to the bit; one Python call per layer instead
-// of about ten saves ~2 ms of a ~13 ms SmolLM2 step here. `w` holds norm1, wqkv (qweight,
+// of about ten saves ~2 ms of a ~13 ms SmolLM2 decode step here. `w` holds norm1, wqkv (qweight,
 // scales, code sums), wo (the same three), norm2, w13 (three), w2 (three); weights come
 // first so Python can bind them once.
-at::Tensor decode_block(const std::vector<at::Tensor>& w,
+at::Tensor block_forward(const std::vector<at::Tensor>& w,
                         const c10::optional<at::Tensor>& qkv_bias, double eps,
                         const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_cache, int64_t layer,
                         const at::Tensor& slots, const at::Tensor& positions,
                         const at::Tensor& cos, const at::Tensor& sin, int64_t n_head,
                         int64_t n_kv_head) {
-  TORCH_CHECK(w.size() == 14, "decode_block takes 14 weight tensors, not ", w.size());
+  TORCH_CHECK(w.size() == 14, "block_forward takes 14 weight tensors, not ", w.size());
   const c10::optional<at::Tensor> none;
   auto linear = [&](const at::Tensor& in, int i, const c10::optional<at::Tensor>& bias) {
     return forward<Format::kNF4>(in, w[i], w[i + 1], &w[i + 2], bias, w[i].size(0), false);
   };
   const at::Tensor rows = x.reshape({slots.numel(), -1}).to(at::kFloat);
   const at::Tensor qkv = linear(rms_norm(rows, w[0], eps), 1, qkv_bias);
-  const at::Tensor attended = nf4::decode_attention(qkv, k_cache, v_cache, layer, slots,
+  const at::Tensor attended = nf4::token_attention(qkv, k_cache, v_cache, layer, slots,
                                                     positions, cos, sin, n_head, n_kv_head,
                                                     pool());
   const at::Tensor h = rows + linear(attended, 4, none);
@@ -514,10 +515,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu", &nf4_swiglu, release(),
         "silu(x @ Wg.T + bg) * (x @ Wu.T + bu), W = [Wg; Wu]");
   m.def("rms_norm", &rms_norm, release(), "x / rms(x) * weight over the last dimension");
-  m.def("decode_attention", &decode_attention, release(),
-        "one decode step of attention: RoPE, k and v into the cache, softmax(q.K) V");
-  m.def("decode_block", &decode_block, release(),
-        "a decode step through a whole transformer block with NF4 linears");
+  m.def("token_attention", &token_attention, release(),
+        "attention for new tokens: RoPE, k and v into the cache, softmax(q.K) V");
+  m.def("block_forward", &block_forward, release(),
+        "new tokens through a whole transformer block with NF4 linears");
   m.def("simd_enabled", &simd_enabled, "whether the AVX2/FMA/F16C path was compiled");
   m.def("threads", &threads, "threads the kernels use (the caller plus helpers)");
   m.def("set_threads", &set_threads, "fix the kernels' thread count (before first use)");

@@ -1,4 +1,4 @@
-"""The CPU backend's one-call decode attention against the PyTorch ops it replaces."""
+"""The CPU backend's one-call attention and block against the PyTorch ops they replace."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def kernel(settings):
     assert isinstance(backend, CpuBackend)
     if not backend.native:
         pytest.skip("no C++ compiler: the CPU backend runs its PyTorch fallback")
-    return backend.decode_attention_kernel()
+    return backend.token_attention_kernel()
 
 
 def reference(qkv, k, v, layer, slots, positions, cos, sin, n_head, n_kv):
@@ -70,7 +70,8 @@ def test_out_of_range_slots_and_positions_are_refused(kernel):
 
 def test_the_model_decodes_the_same_with_the_kernel(kernel):
     """fp32 linears, so attention is the only difference: three streams in scattered
-    slots at different positions give the same tokens and logits either way."""
+    slots at different positions give the same tokens and logits either way (the
+    prompts' prefill runs through the kernel too)."""
     engine = fp32_engine("smollm2")
     model = engine.model
     prompts = [engine.encode_prompt(q) for q in
@@ -79,7 +80,7 @@ def test_the_model_decodes_the_same_with_the_kernel(kernel):
     runs = {}
     with torch.inference_mode():
         for label, fused in (("torch", None), ("kernel", kernel)):
-            model.decode_attention = fused
+            model.token_attention = fused
             cache = model.new_cache(6, 256)
             tokens = [int(prefill(model, cache, s, p).argmax())
                       for s, p in zip(slots, prompts, strict=True)]
@@ -91,34 +92,53 @@ def test_the_model_decodes_the_same_with_the_kernel(kernel):
                 tokens = logits.argmax(dim=-1).tolist()
                 positions = [p + 1 for p in positions]
             runs[label] = steps
-    model.decode_attention = None
+    model.token_attention = None
     for ours, theirs in zip(runs["kernel"], runs["torch"], strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=2e-4)
         assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
+def test_a_prompt_in_chunks_attends_causally(kernel):
+    """A prompt prefilled in 24-token chunks through the kernel (each chunk's rows share a
+    slot, so attention is causal by position) gives the logits of the PyTorch path."""
+    engine = fp32_engine("smollm2")
+    model = engine.model
+    ids = engine.tokenizer.encode("The history of the bicycle begins in Europe, when "
+                                  "inventors built machines pushed along by the feet. " * 3)
+    assert len(ids) > 48  # three chunks
+    logits = {}
+    with torch.inference_mode():
+        for label, fused in (("torch", None), ("kernel", kernel)):
+            model.token_attention = fused
+            cache = model.new_cache(2, 256)
+            logits[label] = prefill(model, cache, 1, ids, chunk=24)
+    model.token_attention = None
+    torch.testing.assert_close(logits["kernel"], logits["torch"], rtol=1e-4, atol=2e-4)
+
+
 def test_the_one_call_block_equals_the_modules_to_the_bit(settings):
-    """NF4 model: a decode step through each block's one C++ call gives exactly the
-    logits of the modules calling the same kernels one by one."""
+    """NF4 model: prefill and decode steps through each block's one C++ call give exactly
+    the logits of the modules calling the same kernels one by one."""
     from agent.decoder.engine import load_engine
 
     engine = load_engine("smollm2", settings=settings, backend="cpu", progress=False)
     model = engine.model
-    if model.layers[0].decode_step is None:
+    if model.layers[0].kernel_forward is None:
         pytest.skip("no C++ compiler: the CPU backend runs its PyTorch fallback")
-    steps = [layer.decode_step for layer in model.layers]
+    steps = [layer.kernel_forward for layer in model.layers]
     prompts = [engine.encode_prompt(q) for q in ("What is the capital of France?", "Hi!")]
     slots = [2, 0]
     runs = {}
     with torch.inference_mode():
         for label, fused in (("modules", [None] * len(steps)), ("block", steps)):
             for layer, step in zip(model.layers, fused, strict=True):
-                layer.decode_step = step
+                layer.kernel_forward = step
             cache = model.new_cache(3, 128)
-            tokens = [int(prefill(model, cache, s, p).argmax())
-                      for s, p in zip(slots, prompts, strict=True)]
+            first = [prefill(model, cache, s, p, chunk=8) for s, p in zip(slots, prompts,
+                                                                          strict=True)]
+            tokens = [int(f.argmax()) for f in first]
             positions = [len(p) for p in prompts]
-            logits = []
+            logits = [torch.stack(first)]
             for _ in range(6):
                 logits.append(decode_one(model, cache, tokens, slots, positions))
                 tokens = logits[-1].argmax(dim=-1).tolist()
