@@ -229,9 +229,9 @@ def synthesised(monkeypatch) -> list[str]:
     calls: list[str] = []
     real = tts_module._speak
 
-    def counting(loaded, text, length_scale):
+    def counting(loaded, text, *rest):
         calls.append(text)
-        return real(loaded, text, length_scale)
+        return real(loaded, text, *rest)
 
     monkeypatch.setattr(tts_module, "_speak", counting)
     return calls
