@@ -1,6 +1,7 @@
 """`parley bench decoder`: Parley's decoder side by side with llama.cpp, in one run.
 
-For each implementation, one after the other in this process (never concurrently):
+Implementations, all loaded in this process and measured in interleaved rounds (one after
+the other within a round, never concurrently):
     PyTorch fp32   the dequantised GGUF weights in plain nn.Linear (the ground truth)
     Parley NF4     the NF4 model on the default kernel backend ("auto": cpu here)
     llama.cpp      llama-cpp-python on the same GGUF, when installed (a bench-only extra)
@@ -18,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,16 +49,6 @@ class Row:
     note: str = ""
 
 
-def _timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall seconds of `fn` over `repeats` runs."""
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
-
-
 def _machine() -> str:
     name = platform.processor() or platform.machine()
     flags = ""
@@ -77,74 +67,94 @@ def _machine() -> str:
             f"torch {torch.__version__} with {torch.get_num_threads()} threads")
 
 
-# --- Parley engines ------------------------------------------------------------------------
+# --- contenders ---------------------------------------------------------------------------
+#
+# Every contender is loaded first; then each round measures every contender once, one after
+# the other, so a contender's numbers and its neighbours' are seconds apart, not minutes:
+# on a shared machine the load drifts, and a ratio of numbers taken minutes apart measured
+# the drift as much as the code. Each metric is the median over the rounds.
 
 
-def _bench_engine(label: str, engine, prompt: list[int], chat: list[int], n_decode: int,
-                  repeats: int) -> Row:
-    from agent.decoder.generate import decode_one, prefill
+@dataclass
+class Samples:
+    prefill: list[float] = field(default_factory=list)  # tok/s
+    ttft: list[float] = field(default_factory=list)  # seconds
+    decode: dict[int, list[float]] = field(default_factory=dict)  # batch -> aggregate tok/s
 
-    model = engine.model
-    context = max(len(prompt), len(chat)) + n_decode + 8
-    cache = model.new_cache(max(BATCHES), context)
-    row = Row(label, weight_bytes=engine.weight_bytes(),
-              kv_bytes_per_token=engine.kv_bytes_per_token)
-    with torch.inference_mode():
-        prefill(model, cache, 0, chat)  # warm-up
+    def to_row(self, row: Row) -> Row:
+        row.prefill = statistics.median(self.prefill)
+        row.ttft_ms = 1000 * statistics.median(self.ttft)
+        row.decode = {b: statistics.median(v) for b, v in self.decode.items()}
+        return row
 
-        def run_prefill() -> None:
+
+class ParleyContender:
+    """A Parley engine ("fp32" or the NF4 kernels) driven as the scheduler drives it."""
+
+    def __init__(self, label: str, engine, threads: int, prompt: list[int], chat: list[int],
+                 n_decode: int):
+        self.engine, self.threads = engine, threads
+        self.prompt, self.chat, self.n_decode = prompt, chat, n_decode
+        self.cache = engine.model.new_cache(max(BATCHES), len(prompt) + len(chat) + n_decode + 8)
+        self.row = Row(label, weight_bytes=engine.weight_bytes(),
+                       kv_bytes_per_token=engine.kv_bytes_per_token)
+        self.samples = Samples()
+
+    def round(self) -> None:
+        from agent.decoder.generate import decode_one, prefill
+
+        # NF4: the kernels' own pool does the work, torch's ops run on one thread (see
+        # _use_kernel_threads); fp32: torch's matmuls want every thread.
+        torch.set_num_threads(self.threads)
+        model, cache, chat = self.engine.model, self.cache, self.chat
+        with torch.inference_mode():
+            prefill(model, cache, 0, chat)  # warm-up
             cache.reset(0)
-            prefill(model, cache, 0, prompt)
-
-        row.prefill = len(prompt) / _timed(run_prefill, repeats)
-
-        def first_token() -> None:
-            cache.reset(0)
-            int(prefill(model, cache, 0, chat).argmax())
-
-        row.ttft_ms = 1000 * _timed(first_token, repeats)
-        for batch in BATCHES:
-            slots = list(range(batch))
-            tokens = []
-            for s in slots:
-                cache.reset(s)
-                tokens.append(int(prefill(model, cache, s, chat).argmax()))
-            decode_one(model, cache, tokens, slots, [len(chat)] * batch)  # warm-up
             began = time.perf_counter()
-            for i in range(n_decode):
-                logits = decode_one(model, cache, tokens, slots, [len(chat) + 1 + i] * batch)
-                tokens = logits.argmax(dim=-1).tolist()
-            row.decode[batch] = batch * n_decode / (time.perf_counter() - began)
-    return row
+            prefill(model, cache, 0, self.prompt)
+            self.samples.prefill.append(len(self.prompt) / (time.perf_counter() - began))
+            cache.reset(0)
+            began = time.perf_counter()
+            int(prefill(model, cache, 0, chat).argmax())
+            self.samples.ttft.append(time.perf_counter() - began)
+            for batch in BATCHES:
+                slots = list(range(batch))
+                tokens = []
+                for s in slots:
+                    cache.reset(s)
+                    tokens.append(int(prefill(model, cache, s, chat).argmax()))
+                decode_one(model, cache, tokens, slots, [len(chat)] * batch)  # warm-up
+                began = time.perf_counter()
+                for i in range(self.n_decode):
+                    logits = decode_one(model, cache, tokens, slots,
+                                        [len(chat) + 1 + i] * batch)
+                    tokens = logits.argmax(dim=-1).tolist()
+                rate = batch * self.n_decode / (time.perf_counter() - began)
+                self.samples.decode.setdefault(batch, []).append(rate)
 
 
-def _parley_rows(settings: Settings, model_name: str, n_decode: int, repeats: int,
-                 ) -> tuple[list[Row], list[int], list[int], Path]:
+def _parley_contenders(settings: Settings, model_name: str, n_decode: int,
+                       ) -> tuple[list[ParleyContender], list[int], list[int], Path]:
     from agent.decoder.engine import load_engine
 
-    rows = []
-    prompt: list[int] = []
-    chat: list[int] = []
-    path = Path()
     threads = torch.get_num_threads()
+    engines = []
     for label, backend in (("PyTorch fp32 (dequantised GGUF)", "fp32"),
                            ("Parley NF4 (auto backend)", "auto")):
         if backend != "fp32":
             _use_kernel_threads(settings, threads)
         engine = load_engine(model_name, settings=settings, backend=backend)
-        if not prompt:
-            ids = engine.tokenizer.encode(FILLER * 40)
-            prompt = ids[:PREFILL_TOKENS]
-            chat = engine.encode_prompt(CHAT_PROMPT)
-            path = engine.path
+        torch.set_num_threads(threads)
         if backend != "fp32":
             label = f"Parley NF4 ({engine.backend})"
         print(f"  {label}: loaded in {engine.load_seconds:.1f} s", flush=True)
-        rows.append(_bench_engine(label, engine, prompt, chat, n_decode, repeats))
-        del engine
-        gc.collect()
-        torch.set_num_threads(threads)
-    return rows, prompt, chat, path
+        engines.append((label, engine, threads if backend == "fp32" else 1))
+    first = engines[0][1]
+    prompt = first.tokenizer.encode(FILLER * 40)[:PREFILL_TOKENS]
+    chat = first.encode_prompt(CHAT_PROMPT)
+    contenders = [ParleyContender(label, engine, n, prompt, chat, n_decode)
+                  for label, engine, n in engines]
+    return contenders, prompt, chat, first.path
 
 
 def _use_kernel_threads(settings: Settings, threads: int) -> None:
@@ -161,54 +171,60 @@ def _use_kernel_threads(settings: Settings, threads: int) -> None:
     torch.set_num_threads(1)
 
 
-# --- llama.cpp ----------------------------------------------------------------------------
+class LlamaContender:
+    """llama.cpp (llama-cpp-python) on the same GGUF: one stream."""
+
+    def __init__(self, llama_cpp, path: Path, prompt: Sequence[int], chat: Sequence[int],
+                 n_decode: int, threads: int):
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=512,
+                                   n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.prompt, self.chat, self.n_decode = list(prompt), list(chat), n_decode
+        self.row = Row(f"llama.cpp {llama_cpp.__version__} ({threads} threads)",
+                       weight_bytes=path.stat().st_size, note="single stream")
+        meta = self.llm.metadata
+        arch = meta.get("general.architecture", "llama")
+        n_head = int(meta.get(f"{arch}.attention.head_count", 1))
+        head_dim = int(meta.get(f"{arch}.embedding_length", 0)) // n_head
+        self.row.kv_bytes_per_token = (2 * int(meta.get(f"{arch}.block_count", 0)) * head_dim
+                                       * 2 * int(meta.get(f"{arch}.attention.head_count_kv",
+                                                          n_head)))
+        self.samples = Samples()
+
+    def _evaluate(self, ids: Sequence[int]) -> int:
+        import numpy as np
+
+        self.llm.eval(list(ids))
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def round(self) -> None:
+        llm = self.llm
+        llm.reset()
+        self._evaluate(self.chat)  # warm-up
+        llm.reset()
+        began = time.perf_counter()
+        llm.eval(self.prompt)
+        self.samples.prefill.append(len(self.prompt) / (time.perf_counter() - began))
+        llm.reset()
+        began = time.perf_counter()
+        token = self._evaluate(self.chat)
+        self.samples.ttft.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        for _ in range(self.n_decode):
+            token = self._evaluate([token])
+        self.samples.decode.setdefault(1, []).append(
+            self.n_decode / (time.perf_counter() - began))
+
+    def close(self) -> None:
+        self.llm.close()
 
 
-def _llama_row(path: Path, prompt: Sequence[int], chat: Sequence[int], n_decode: int,
-               repeats: int) -> Row | None:
+def _llama_contender(path: Path, prompt: Sequence[int], chat: Sequence[int], n_decode: int,
+                     ) -> LlamaContender | None:
     try:
         import llama_cpp
     except ImportError:
         return None
-    import numpy as np
-
-    threads = torch.get_num_threads()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
-    row = Row(f"llama.cpp {llama_cpp.__version__} ({threads} threads)",
-              weight_bytes=path.stat().st_size, note="single stream")
-    meta = llm.metadata
-    arch = meta.get("general.architecture", "llama")
-    n_head = int(meta.get(f"{arch}.attention.head_count", 1))
-    head_dim = int(meta.get(f"{arch}.embedding_length", 0)) // n_head
-    row.kv_bytes_per_token = (2 * int(meta.get(f"{arch}.block_count", 0)) * head_dim * 2
-                              * int(meta.get(f"{arch}.attention.head_count_kv", n_head)))
-
-    def evaluate(ids: Sequence[int]) -> int:
-        llm.eval(list(ids))
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
-
-    def run_prefill() -> None:
-        llm.reset()
-        llm.eval(list(prompt))
-
-    evaluate(chat)  # warm-up
-    row.prefill = len(prompt) / _timed(run_prefill, repeats)
-
-    def first_token() -> None:
-        llm.reset()
-        evaluate(chat)
-
-    row.ttft_ms = 1000 * _timed(first_token, repeats)
-    llm.reset()
-    token = evaluate(chat)
-    began = time.perf_counter()
-    for _ in range(n_decode):
-        token = evaluate([token])
-    rate = n_decode / (time.perf_counter() - began)
-    row.decode = {1: rate}
-    llm.close()
-    return row
+    return LlamaContender(llama_cpp, path, prompt, chat, n_decode, torch.get_num_threads())
 
 
 # --- report -------------------------------------------------------------------------------
@@ -246,21 +262,30 @@ def render(rows: list[Row], header: str, context: int) -> str:
 def bench_decoder(settings: Settings, args: argparse.Namespace) -> int:
     model_name = getattr(args, "model", None) or settings.llm_model
     quick = bool(getattr(args, "quick", False))
-    n_decode, repeats = (16, 1) if quick else (64, 3)
+    n_decode, rounds = (16, 1) if quick else (64, 3)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(f"benchmarking {model_name} ({'quick' if quick else 'full'} run)...", flush=True)
-    rows, prompt, chat, path = _parley_rows(settings, model_name, n_decode, repeats)
-    llama = _llama_row(path, prompt, chat, n_decode, repeats)
+    threads = torch.get_num_threads()
+    contenders, prompt, chat, path = _parley_contenders(settings, model_name, n_decode)
+    llama = _llama_contender(path, prompt, chat, n_decode)
     if llama is None:
         print("  llama.cpp: llama-cpp-python is not installed; no comparison row", flush=True)
-    else:
-        rows.append(llama)
+    everyone: list[ParleyContender | LlamaContender] = [*contenders, *([llama] if llama else [])]
+    for number in range(rounds):
+        print(f"  round {number + 1} of {rounds}", flush=True)
+        for contender in everyone:
+            contender.round()
+    torch.set_num_threads(threads)
+    if llama is not None:
+        llama.close()
+    rows = [c.samples.to_row(c.row) for c in everyone]
     header = (f"### Decoder benchmark: {model_name} ({path.name})\n\n"
               f"{stamp}; {_machine()}. Greedy decoding of {n_decode} tokens after a "
               f"{len(chat)}-token chat prompt; prefill of {len(prompt)} tokens; "
-              f"median of {repeats}. Parley NF4 on the CPU: kernels on their own "
-              f"{torch.get_num_threads()} threads, torch's other ops on one. Parley's weights "
-              f"include the embedding table, kept in float32.")
+              f"median of {rounds} rounds, each measuring every implementation in turn. "
+              f"Parley NF4 on the CPU: kernels on their own {threads} threads, torch's "
+              f"other ops on one. Parley's weights include the embedding table, kept in "
+              f"float32.")
     print()
     print(render(rows, header, context=2048))
     return 0
