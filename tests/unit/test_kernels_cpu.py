@@ -217,3 +217,16 @@ def test_use_threads_puts_torch_on_one_thread(cpu: CpuBackend, settings) -> None
         torch.set_num_threads(before)
     fallback = CpuBackend(settings.cache_dir, native=False)
     assert fallback.use_threads(3) == torch.get_num_threads() == before  # left alone
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(cpu: CpuBackend, swiglu):
+    """Batched decode must give each stream exactly what it gets alone, else a stream's
+    greedy reply would change with whoever else is talking."""
+    torch.manual_seed(5)
+    w = nf4.quantise(torch.randn(2 * 300, 576) * 0.1)
+    fn = cpu.bind(w, swiglu=swiglu)
+    x = torch.randn(9, 576)
+    alone = fn(x[:1])[0]
+    for m in (2, 3, 4, 5, 8, 9):
+        assert torch.equal(fn(x[:m])[0], alone), m

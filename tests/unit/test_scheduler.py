@@ -19,9 +19,16 @@ PROMPTS = ("The three primary colours are", "def add(a, b):\n", "My favourite se
            "Water boils at")
 
 
-@pytest.fixture(scope="module")
-def engine():
-    return fp32_engine("smollm2")
+@pytest.fixture(scope="module", params=["fp32", "cpu"])
+def engine(request, settings):
+    """Both decoding paths: the PyTorch ground truth, and the NF4 kernels whose one-call
+    attention and blocks write the cache themselves (batching, rollback and prefix copies
+    must hold for both)."""
+    if request.param == "fp32":
+        return fp32_engine("smollm2")
+    from agent.decoder.engine import load_engine
+
+    return load_engine("smollm2", settings=settings, backend="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")

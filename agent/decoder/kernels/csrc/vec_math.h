@@ -8,7 +8,9 @@
 
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -55,15 +57,25 @@ inline float hsum8(__m256 v8) {
 
 inline float silu_mul(float g, float u) { return g / (1.0f + std::exp(-g)) * u; }
 
-// out[i] = silu(g[i]) * u[i] for n values (out may alias g).
+// out[i] = silu(g[i]) * u[i] for n values (out may alias g). Every value goes through the
+// same eight-wide code, the last few padded: which values form the tail depends on how the
+// caller chunked its columns (and that on the batch size), and a stream's output must not.
 inline void silu_mul_n(const float* g, const float* u, float* out, int64_t n) {
   int64_t i = 0;
 #if NF4_VEC_MATH
   for (; i + 8 <= n; i += 8) {
     _mm256_storeu_ps(out + i, silu_mul8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
   }
-#endif
+  if (i < n) {
+    alignas(32) float gt[8] = {}, ut[8] = {};
+    std::copy(g + i, g + n, gt);
+    std::copy(u + i, u + n, ut);
+    _mm256_store_ps(gt, silu_mul8(_mm256_load_ps(gt), _mm256_load_ps(ut)));
+    std::copy(gt, gt + (n - i), out + i);
+  }
+#else
   for (; i < n; ++i) out[i] = silu_mul(g[i], u[i]);
+#endif
 }
 
 // x[i] = exp(x[i] - shift) for n values; returns their sum.
