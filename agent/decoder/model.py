@@ -288,7 +288,7 @@ class Attention(nn.Module):
         qkv = self.wqkv(x)
         if step.fused is not None:
             y = step.fused(qkv, cache.k, cache.v, self.layer, step.slot_ids, step.positions,
-                           *step.tables, h, hkv)  # [B, H*D]
+                           *step.tables, h, hkv)  # [B*T, H*D]
             return self.wo(y.view(bsz, seqlen, -1))
         qkv = qkv.view(bsz * seqlen, h + 2 * hkv, self.head_dim)  # [N, H+2Hkv, D]
         qk = qkv[:, :h + hkv]  # RoPE on the q and k heads at once
@@ -358,7 +358,7 @@ class TransformerBlock(nn.Module):
         if step.fused is not None and self.kernel_forward is not None:
             a = self.attention
             return self.kernel_forward(x, cache.k, cache.v, a.layer, step.slot_ids,
-                                    step.positions, *step.tables, a.n_head, a.n_kv_head)
+                                       step.positions, *step.tables, a.n_head, a.n_kv_head)
         x = x + self.attention(self.attention_norm(x), step, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
