@@ -35,7 +35,7 @@ import logging
 import queue
 import threading
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -303,12 +303,8 @@ class Scheduler:
         """Copy a longer shared prefix of `prompt` from another session's slot; returns how
         many prompt tokens `session` now holds. Sessions opened with the same instructions
         and tool descriptions (thousands of tokens with server tools) prefill them once."""
-        best, donor = have, None
-        for other in self._sessions.values():
-            if other is not session:
-                shared = _common_prefix(other.tokens, prompt, limit=len(prompt) - 1)
-                if shared > best:
-                    best, donor = shared, other
+        others = (s for s in self._sessions.values() if s is not session)
+        donor, best = _longest_shared_prefix(others, prompt, have)
         if donor is None or best - have < MIN_SHARED_PREFIX:
             return have  # a copy is not worth it for a few tokens
         self.cache.copy_prefix(donor.slot, session.slot, have, best)
@@ -343,13 +339,8 @@ class Scheduler:
         """The idle sessionless slot sharing the longest prefix (64+ tokens) with `prompt`:
         consecutive requests of a stateless client (each tool round of a chat completion
         resends the whole conversation) then prefill only what is new."""
-        best, found = MIN_SHARED_PREFIX - 1, None
-        for session in self._sessions.values():
-            if session.ephemeral and not session.busy:
-                shared = _common_prefix(session.tokens, prompt, limit=len(prompt) - 1)
-                if shared > best:
-                    best, found = shared, session
-        return found
+        idle = (s for s in self._sessions.values() if s.ephemeral and not s.busy)
+        return _longest_shared_prefix(idle, prompt, MIN_SHARED_PREFIX - 1)[0]
 
     def _guarded(self, step: Any, streams: list[_Stream]) -> None:
         """Run a step; if it raises, the streams in it end with the error, the worker lives."""
@@ -449,6 +440,18 @@ class Scheduler:
 
 def _as_parley_error(exc: BaseException) -> ParleyError:
     return exc if isinstance(exc, ParleyError) else ParleyError(f"decoder error: {exc}")
+
+
+def _longest_shared_prefix(sessions: Iterable[_Session], prompt: Sequence[int],
+                           beat: int) -> tuple[_Session | None, int]:
+    """The session whose cached tokens share the most (more than `beat`) leading tokens
+    with `prompt`, short of its last one, and how many; (None, beat) when none does."""
+    best, found = beat, None
+    for session in sessions:
+        shared = _common_prefix(session.tokens, prompt, limit=len(prompt) - 1)
+        if shared > best:
+            best, found = shared, session
+    return found, best
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:

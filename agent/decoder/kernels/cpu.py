@@ -211,9 +211,8 @@ class CpuBackend:
         ~12 ops and scaled_dot_product_attention, ~150 us a layer, mostly dispatch."""
         return None if self._ext is None else self._ext.token_attention
 
-    def block_kernel(self, norm1: Tensor, wqkv: NF4Weight, wo: NF4Weight,
-                            norm2: Tensor, w13: NF4Weight, w2: NF4Weight,
-                            eps: float) -> Callable[..., Tensor] | None:
+    def block_kernel(self, norm1: Tensor, wqkv: NF4Weight, wo: NF4Weight, norm2: Tensor,
+                     w13: NF4Weight, w2: NF4Weight, eps: float) -> Callable[..., Tensor] | None:
         """New tokens through a whole transformer block in one call (csrc block_forward:
         the kernels the modules would call, in the same order), bound to the block's
         weights: (x, k_cache, v_cache, layer, slots, positions, cos, sin, n_head,

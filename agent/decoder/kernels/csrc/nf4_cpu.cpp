@@ -270,8 +270,8 @@ enum class Epilogue { kNone, kSwiGLU };
 // L1 for the next MR rows (prefill), instead of each weight row streaming every activation.
 template <Format F>
 void run_rows(const uint8_t* qweight, const at::Half* scales, const int16_t* code_sums,
-              const float* bias, const QuantRows& xq, int64_t m, int64_t kp, int64_t n_begin, int64_t n_end,
-              int64_t out_stride, int64_t partner, Epilogue epilogue, float* out) {
+              const float* bias, const QuantRows& xq, int64_t m, int64_t kp, int64_t n_begin,
+              int64_t n_end, int64_t out_stride, int64_t partner, Epilogue epilogue, float* out) {
   const int64_t nb = kp / kBlock;
   const int64_t nbp = (nb + 7) / 8 * 8;
   const int64_t row_bytes = nb * block_bytes(F);
@@ -381,8 +381,8 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   const Epilogue ep = swiglu ? Epilogue::kSwiGLU : Epilogue::kNone;
   pool().run((n_out + rows - 1) / rows, [&](int64_t chunk) {
     const int64_t begin = chunk * rows;
-    run_rows<F>(qw, sc, sums, bias_ptr, xq, m, kp, begin, std::min(n_out, begin + rows), n_out,
-                n_out, ep, o);
+    run_rows<F>(qw, sc, sums, bias_ptr, xq, m, kp, begin, std::min(n_out, begin + rows),
+                n_out, n_out, ep, o);
   });
   out = out.reshape(out_shape);
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
@@ -420,7 +420,8 @@ at::Tensor code_sums(const at::Tensor& qweight) {
   for (int64_t i = 0; i < n * nb; ++i) {
     int32_t total = 0;
     for (int j = 0; j < kBlockBytes; ++j) {
-      total += kLut.bytes[w[i * kBlockBytes + j] & 0x0F] + kLut.bytes[w[i * kBlockBytes + j] >> 4];
+      const uint8_t byte = w[i * kBlockBytes + j];
+      total += kLut.bytes[byte & 0x0F] + kLut.bytes[byte >> 4];
     }
     o[i] = int16_t(total);
   }
@@ -454,11 +455,11 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 }
 
 at::Tensor token_attention(const at::Tensor& qkv, at::Tensor& k_cache, at::Tensor& v_cache,
-                            int64_t layer, const at::Tensor& slots,
-                            const at::Tensor& positions, const at::Tensor& cos,
-                            const at::Tensor& sin, int64_t n_head, int64_t n_kv_head) {
+                           int64_t layer, const at::Tensor& slots, const at::Tensor& positions,
+                           const at::Tensor& cos, const at::Tensor& sin, int64_t n_head,
+                           int64_t n_kv_head) {
   return nf4::token_attention(qkv, k_cache, v_cache, layer, slots, positions, cos, sin,
-                               n_head, n_kv_head, pool());
+                              n_head, n_kv_head, pool());
 }
 
 // New tokens (rows with a slot and a position each, as token_attention takes them)
@@ -466,15 +467,15 @@ at::Tensor token_attention(const at::Tensor& qkv, at::Tensor& k_cache, at::Tenso
 //   h = x + wo(attention(norm1(x)));  out = h + w2(swiglu(w13(norm2(h))))
 // with the same kernels the PyTorch modules call one by one (model.TransformerBlock with
 // NF4 linears), so the result is the same to the bit; one Python call per layer instead
-// of about ten saves ~2 ms of a ~13 ms SmolLM2 decode step here. `w` holds norm1, wqkv (qweight,
-// scales, code sums), wo (the same three), norm2, w13 (three), w2 (three); weights come
-// first so Python can bind them once.
+// of about ten saves ~2 ms of a ~13 ms SmolLM2 decode step here. `w` holds norm1, wqkv
+// (qweight, scales, code sums), wo (the same three), norm2, w13 (three), w2 (three);
+// weights come first so Python can bind them once.
 at::Tensor block_forward(const std::vector<at::Tensor>& w,
-                        const c10::optional<at::Tensor>& qkv_bias, double eps,
-                        const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_cache, int64_t layer,
-                        const at::Tensor& slots, const at::Tensor& positions,
-                        const at::Tensor& cos, const at::Tensor& sin, int64_t n_head,
-                        int64_t n_kv_head) {
+                         const c10::optional<at::Tensor>& qkv_bias, double eps,
+                         const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_cache,
+                         int64_t layer, const at::Tensor& slots, const at::Tensor& positions,
+                         const at::Tensor& cos, const at::Tensor& sin, int64_t n_head,
+                         int64_t n_kv_head) {
   TORCH_CHECK(w.size() == 14, "block_forward takes 14 weight tensors, not ", w.size());
   const c10::optional<at::Tensor> none;
   auto linear = [&](const at::Tensor& in, int i, const c10::optional<at::Tensor>& bias) {
