@@ -192,7 +192,7 @@ class ResponseWriter:
 
     async def _pipeline(self) -> AsyncIterator[Any]:
         session, config = self.session, self.config
-        await session.transcripts_ready()
+        await session.ready_to_respond()
         messages = session.conversation.messages(config.instructions)
         async for event in completion_events(session, config, messages):
             yield event

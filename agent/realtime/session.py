@@ -88,6 +88,7 @@ class Session:
         self._response_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._transcribing: set[asyncio.Future] = set()  # committed turns not yet in words
+        self._warming: set[asyncio.Future] = set()  # prefills of the prompt's fixed part
         self._user_item: str | None = None      # the item the speech in progress becomes
         self._barged = False                    # this turn has interrupted the response
         self._turn_times: dict[str, float] = {}
@@ -298,11 +299,15 @@ class Session:
         self._transcribing.add(task)
         task.add_done_callback(self._transcribing.discard)
 
-    async def transcripts_ready(self) -> None:
-        """Wait until every committed user turn has its transcript: a response reads the
-        conversation as words, and a turn still being transcribed would be missing from it
-        (a manual commit followed at once by response.create)."""
-        pending = [t for t in self._transcribing if t is not asyncio.current_task()]
+    async def ready_to_respond(self) -> None:
+        """Wait until every committed user turn has its transcript, and until the prefills
+        of instructions and tool descriptions have run. A response reads the conversation as
+        words, and a turn still being transcribed would be missing from it (a manual commit
+        followed at once by response.create). A prefill it raced would be done twice: the
+        response would prefill the same thousands of tokens itself, and the late prefill
+        would hold the decoder's slot for nothing."""
+        pending = [t for t in (*self._transcribing, *self._warming)
+                   if t is not asyncio.current_task()]
         if pending:
             await asyncio.wait(pending)  # cancelling the response leaves them running
 
@@ -566,7 +571,9 @@ class Session:
         descriptions are most of it) into the session's KV cache, so the reply after the
         turn prefills only the new words."""
         if self.response is None:
-            self._spawn(prefill_conversation(self))
+            task = self._spawn(prefill_conversation(self))
+            self._warming.add(task)
+            task.add_done_callback(self._warming.discard)
 
     def _turn_latency(self, run: ResponseRun) -> tuple[dict[str, int | None], int | None]:
         """The stages of the turn `run` answered (ms), and voice to voice when it was a
