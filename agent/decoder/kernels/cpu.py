@@ -195,7 +195,7 @@ class CpuBackend:
         if isinstance(w, Q8Weight):
             return partial(self._ext.q8_linear, w.qweight, w.scales, w.bias)
         op = self._ext.swiglu if swiglu else self._ext.linear
-        return partial(op, w.qweight, w.scales, self._ext.code_sums(w.qweight), w.bias)
+        return partial(op, w.qweight, w.scales, w.bias)
 
     def rms_norm_kernel(self) -> Callable[[Tensor, Tensor, float], Tensor] | None:
         """A one-call RMSNorm (x, weight, eps), or None on the fallback.
@@ -222,7 +222,7 @@ class CpuBackend:
         wqkv, wo, w13, w2 = (self._ready(w) for w in (wqkv, wo, w13, w2))
 
         def nf4(w: NF4Weight) -> list[Tensor]:
-            return [w.qweight, w.scales, self._ext.code_sums(w.qweight)]
+            return [w.qweight, w.scales]
 
         def norm(weight: Tensor) -> Tensor:
             return weight.detach().float().contiguous()

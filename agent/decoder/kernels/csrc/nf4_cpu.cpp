@@ -2,15 +2,17 @@
 //
 // Weights stay in the NF4 format of agent/decoder/nf4.py (64-weight blocks, 32 bytes of
 // split-half nibbles, one float16 scale per block). Per call:
-//   1. each activation row is quantised to int8 per 64-block (scale = absmax / 127) and
-//      stored offset by +128, an unsigned byte, PMADDUBSW's unsigned side;
+//   1. each activation row is quantised to int8 per 64-block (scale = absmax / 127), and
+//      each block's sum of those int8 values is kept;
 //   2. for a weight block, one AND and one shift give 64 ordered 4-bit codes and PSHUFB
-//      maps them through a 16-entry table to round(63 * codebook), a signed byte in
-//      [-63, 63] (the 7-bit codebook);
-//   3. PMADDUBSW/PMADDWD give the int32 dot product of the block, offset by 128 times the
-//      block's code sum (a per-weight constant, `code_sums`, computed once per weight);
+//      maps them through a 16-entry table to round(63 * codebook) + 63, an unsigned byte
+//      in [0, 126] (the 7-bit codebook moved up by 63), PMADDUBSW's unsigned side;
+//   3. PMADDUBSW/PMADDWD give the int32 dot product of the block, too large by 63 times
+//      the activation block's sum;
 //   4. the block result is scaled by weight scale * activation scale in one FMA, and the
-//      offsets, scaled the same way, are taken out once per output.
+//      excess (63 * activation sums, scaled the same way) is taken out once per output.
+// The correction depends on the activations alone, so weights need no per-block extra
+// data and no per-call set-up beyond their float16 scales.
 // A decoded weight block is reused for up to MR activation rows while it sits in
 // registers, so batched decode reads every weight byte once per step.
 //
@@ -18,9 +20,9 @@
 // block, one float16 scale), which Parley uses for the output head: PMADDUBSW takes
 // |w| as its unsigned side and the activation with w's sign as the signed one.
 //
-// Products never saturate: an offset activation <= 255 and |code| <= 63 keep each
-// PMADDUBSW pair below 2 * 255 * 63 = 32130 < 32767; for 8-bit weights |xq| <= 127 and
-// |w| <= 127 keep it below 2 * 127 * 127 = 32258.
+// Products never saturate: |xq| <= 127 and a moved code <= 126 keep each PMADDUBSW pair
+// within 2 * 127 * 126 = 32004 < 32767; for 8-bit weights |xq| <= 127 and |w| <= 127
+// keep it within 2 * 127 * 127 = 32258.
 
 #include <torch/extension.h>
 
@@ -64,46 +66,59 @@ const float kCodebook[16] = {
     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
 
-// round(63 * codebook): the signed weight byte the dot products use.
+constexpr int kCodeShift = 63;  // added to the 7-bit codes: unsigned for PMADDUBSW
+
+// round(63 * codebook) (the 7-bit code the scalar path multiplies with) and the same
+// moved up by kCodeShift (the unsigned byte the AVX2 path multiplies with).
 struct Lut {
-  alignas(16) int8_t bytes[16];
+  alignas(16) int8_t code[16];
+  alignas(16) uint8_t shifted[16];
   Lut() {
-    for (int i = 0; i < 16; ++i) bytes[i] = int8_t(std::lrint(63.0f * kCodebook[i]));
+    for (int i = 0; i < 16; ++i) {
+      code[i] = int8_t(std::lrint(63.0f * kCodebook[i]));
+      shifted[i] = uint8_t(code[i] + kCodeShift);
+    }
   }
 };
 const Lut kLut;
-constexpr int kOffset = 128;  // added to NF4's activations (unsigned for PMADDUBSW)
 
 // Activations quantised per row and 64-block.
 struct QuantRows {
-  std::vector<int8_t> q;     // [M, Kp]  int8, or for NF4 the bits of (q + 128) as uint8
+  std::vector<int8_t> q;     // [M, Kp]  int8
   std::vector<float> scale;  // [M, B]   absmax / 127 / 63 (the 1/63 undoes the weight table)
+  std::vector<float> excess;  // [M, Bp]  kCodeShift * block sum of q (NF4), zero past B
 };
 
-void quantise_rows(const float* x, int64_t m, int64_t k, int64_t kp, bool offset,
+constexpr int64_t padded_blocks(int64_t nb) { return (nb + 7) / 8 * 8; }
+
+void quantise_rows(const float* x, int64_t m, int64_t k, int64_t kp, bool sums,
                    QuantRows& out) {
   const int64_t nb = kp / kBlock;
-  const int32_t shift = offset ? kOffset : 0;
+  const int64_t nbp = padded_blocks(nb);
   // Every element is written below except the (zero) padding past k.
   out.q.resize(m * kp);
   out.scale.resize(m * nb);
+  if (sums) out.excess.assign(m * nbp, 0.0f);
   constexpr int64_t kRowsPerChunk = 16;
   pool().run((m + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t chunk) {
     const int64_t end = std::min(m, (chunk + 1) * kRowsPerChunk);
     for (int64_t r = chunk * kRowsPerChunk; r < end; ++r) {
       const float* xr = x + r * k;
       int8_t* qr = out.q.data() + r * kp;
-      std::fill(qr + k, qr + kp, int8_t(uint8_t(shift)));
+      std::fill(qr + k, qr + kp, int8_t(0));
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t k0 = b * kBlock;
         const int64_t k1 = std::min(k, k0 + kBlock);
         float amax = 0.0f;
         for (int64_t i = k0; i < k1; ++i) amax = std::max(amax, std::fabs(xr[i]));
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int32_t total = 0;
         for (int64_t i = k0; i < k1; ++i) {
-          qr[i] = int8_t(uint8_t(int32_t(std::nearbyint(xr[i] * inv)) + shift));
+          qr[i] = int8_t(std::nearbyint(xr[i] * inv));
+          total += qr[i];
         }
         out.scale[r * nb + b] = amax / 127.0f / 63.0f;
+        if (sums) out.excess[r * nbp + b] = float(kCodeShift * total);
       }
     }
   });
@@ -125,15 +140,13 @@ enum class Format { kNF4, kQ8 };
 constexpr int64_t block_bytes(Format f) { return f == Format::kNF4 ? 32 : 64; }
 
 // Dot products of weight rows [0, n_rows) (row_bytes apart, float scales `nbp` apart in
-// `wscales`) with MR activation rows starting at r0: dots[n * kMaxRows + r]. For NF4,
-// `offsets` holds 128 * code sum per block (same layout, zero past nb), taken back out.
+// `wscales`) with MR activation rows starting at r0: dots[n * kMaxRows + r].
 // One call covers a chunk's rows so the constants, the activation rows (in L1) and the
 // loop set-up are paid once per chunk, not once per weight row: at K = 576 (nine blocks)
 // the per-row set-up cost about a third of the time.
 template <Format F, int MR>
-void tile_dots(const uint8_t* w, int64_t row_bytes, const float* wscales,
-               const float* offsets, int64_t nbp, int64_t n_rows, const QuantRows& xq,
-               int64_t r0, int64_t kp, float* dots) {
+void tile_dots(const uint8_t* w, int64_t row_bytes, const float* wscales, int64_t nbp,
+               int64_t n_rows, const QuantRows& xq, int64_t r0, int64_t kp, float* dots) {
   const int64_t nb = kp / kBlock;
   // The activation scales carry the NF4 table's 1/63; 8-bit weights need it undone.
   constexpr float kUnit = F == Format::kNF4 ? 1.0f : 63.0f;
@@ -141,7 +154,7 @@ void tile_dots(const uint8_t* w, int64_t row_bytes, const float* wscales,
   alignas(32) float d[MR][kMaxBlocks];
 #if NF4_SIMD
   const __m256i lut = _mm256_broadcastsi128_si256(
-      _mm_load_si128(reinterpret_cast<const __m128i*>(kLut.bytes)));
+      _mm_load_si128(reinterpret_cast<const __m128i*>(kLut.shifted)));
   const __m256i low_mask = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   const int8_t* xrow = xq.q.data() + r0 * kp;
@@ -167,9 +180,9 @@ void tile_dots(const uint8_t* w, int64_t row_bytes, const float* wscales,
         const __m256i* wb = reinterpret_cast<const __m256i*>(wn + b * 64);
         p0 = _mm256_maddubs_epi16(lo, _mm256_sign_epi8(x0, _mm256_loadu_si256(wb)));
         p1 = _mm256_maddubs_epi16(hi, _mm256_sign_epi8(x1, _mm256_loadu_si256(wb + 1)));
-      } else {  // x is offset (unsigned), lo, hi are the signed codes
-        p0 = _mm256_maddubs_epi16(x0, lo);
-        p1 = _mm256_maddubs_epi16(x1, hi);
+      } else {  // lo, hi are the moved (unsigned) codes
+        p0 = _mm256_maddubs_epi16(lo, x0);
+        p1 = _mm256_maddubs_epi16(hi, x1);
       }
       const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(p0, ones),
                                          _mm256_madd_epi16(p1, ones));
@@ -192,11 +205,11 @@ void tile_dots(const uint8_t* w, int64_t row_bytes, const float* wscales,
       if constexpr (MR > 2) acc2 = step(acc2, 2, b, lo, hi);
       if constexpr (MR > 3) acc3 = step(acc3, 3, b, lo, hi);
     }
-    if constexpr (F == Format::kNF4) {  // minus sum_b d[r][b] * 128 * code_sum[b]
-      const float* on = offsets + n * nbp;
+    if constexpr (F == Format::kNF4) {  // minus sum_b d[r][b] * 63 * activation sum[b]
       auto offset = [&](__m256 acc, int r) __attribute__((always_inline)) {
+        const float* excess = xq.excess.data() + (r0 + r) * nbp;
         for (int64_t b = 0; b < nbp; b += 8) {
-          acc = _mm256_fnmadd_ps(_mm256_load_ps(&d[r][b]), _mm256_loadu_ps(on + b), acc);
+          acc = _mm256_fnmadd_ps(_mm256_load_ps(&d[r][b]), _mm256_loadu_ps(excess + b), acc);
         }
         return acc;
       };
@@ -221,19 +234,17 @@ void tile_dots(const uint8_t* w, int64_t row_bytes, const float* wscales,
       for (int64_t b = 0; b < nb; ++b) {
         int32_t dot = 0;
         if constexpr (F == Format::kNF4) {
-          const uint8_t* xu = reinterpret_cast<const uint8_t*>(xr) + b * kBlock;
+          const int8_t* xb = xr + b * kBlock;
           for (int j = 0; j < kBlockBytes; ++j) {
             const uint8_t byte = wn[b * kBlockBytes + j];
-            dot += int32_t(kLut.bytes[byte & 0x0F]) * xu[j];
-            dot += int32_t(kLut.bytes[byte >> 4]) * xu[j + 32];
+            dot += int32_t(kLut.code[byte & 0x0F]) * xb[j];
+            dot += int32_t(kLut.code[byte >> 4]) * xb[j + 32];
           }
         } else {
           const int8_t* wb = reinterpret_cast<const int8_t*>(wn) + b * kBlock;
           for (int j = 0; j < kBlock; ++j) dot += int32_t(wb[j]) * xr[b * kBlock + j];
         }
-        const float scale = sn[b] * xs[b] * kUnit;
-        total += float(dot) * scale;
-        if constexpr (F == Format::kNF4) total -= offsets[n * nbp + b] * scale;
+        total += float(dot) * sn[b] * xs[b] * kUnit;
       }
       dots[n * kMaxRows + r] = total;
     }
@@ -241,8 +252,8 @@ void tile_dots(const uint8_t* w, int64_t row_bytes, const float* wscales,
 #endif
 }
 
-using TileKernel = void (*)(const uint8_t*, int64_t, const float*, const float*, int64_t,
-                            int64_t, const QuantRows&, int64_t, int64_t, float*);
+using TileKernel = void (*)(const uint8_t*, int64_t, const float*, int64_t, int64_t,
+                            const QuantRows&, int64_t, int64_t, float*);
 template <Format F>
 constexpr TileKernel kTileKernels[kMaxRows + 1] = {nullptr, tile_dots<F, 1>, tile_dots<F, 2>,
                                                    tile_dots<F, 3>, tile_dots<F, 4>};
@@ -269,40 +280,34 @@ enum class Epilogue { kNone, kSwiGLU };
 // Activation rows go MR at a time over the whole chunk of weight rows, which then stays in
 // L1 for the next MR rows (prefill), instead of each weight row streaming every activation.
 template <Format F>
-void run_rows(const uint8_t* qweight, const at::Half* scales, const int16_t* code_sums,
-              const float* bias, const QuantRows& xq, int64_t m, int64_t kp, int64_t n_begin,
-              int64_t n_end, int64_t out_stride, int64_t partner, Epilogue epilogue, float* out) {
+void run_rows(const uint8_t* qweight, const at::Half* scales, const float* bias,
+              const QuantRows& xq, int64_t m, int64_t kp, int64_t n_begin, int64_t n_end,
+              int64_t out_stride, int64_t partner, Epilogue epilogue, float* out) {
   const int64_t nb = kp / kBlock;
-  const int64_t nbp = (nb + 7) / 8 * 8;
+  const int64_t nbp = padded_blocks(nb);
   const int64_t row_bytes = nb * block_bytes(F);
   const int64_t width = n_end - n_begin;
   const bool swiglu = epilogue == Epilogue::kSwiGLU;
-  // Float scales and NF4 offsets (128 * code sum) of the chunk's rows, then of their
-  // SwiGLU partners, `nbp` apart and zero past nb; and the raw dot products.
+  // Float scales of the chunk's rows, then of their SwiGLU partners, `nbp` apart; and the
+  // raw dot products.
   const int64_t n_tables = width * (swiglu ? 2 : 1);
-  thread_local std::vector<float> sc, offsets, dots, dots2, ups;
+  thread_local std::vector<float> sc, dots, dots2, ups;
   sc.resize(n_tables * nbp);
-  offsets.assign(n_tables * nbp, 0.0f);
   dots.resize(width * kMaxRows);
   dots2.resize(width * kMaxRows);
   ups.resize(width);
   for (int64_t t = 0; t < n_tables; ++t) {
     const int64_t n = n_begin + t % width + (t >= width ? partner : 0);
     convert_scales(scales + n * nb, nb, sc.data() + t * nbp);
-    if (code_sums != nullptr) {
-      for (int64_t b = 0; b < nb; ++b) {
-        offsets[t * nbp + b] = float(kOffset) * float(code_sums[n * nb + b]);
-      }
-    }
   }
   for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
     const int rows = int(std::min<int64_t>(kMaxRows, m - r0));
     const TileKernel kernel = kTileKernels<F>[rows];
-    kernel(qweight + n_begin * row_bytes, row_bytes, sc.data(), offsets.data(), nbp, width,
-           xq, r0, kp, dots.data());
+    kernel(qweight + n_begin * row_bytes, row_bytes, sc.data(), nbp, width, xq, r0, kp,
+           dots.data());
     if (swiglu) {
       kernel(qweight + (n_begin + partner) * row_bytes, row_bytes, sc.data() + width * nbp,
-             offsets.data() + width * nbp, nbp, width, xq, r0, kp, dots2.data());
+             nbp, width, xq, r0, kp, dots2.data());
     }
     for (int r = 0; r < rows; ++r) {
       float* o = out + (r0 + r) * out_stride + n_begin;
@@ -321,8 +326,7 @@ void run_rows(const uint8_t* qweight, const at::Half* scales, const int16_t* cod
 
 template <Format F>
 at::Tensor forward(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                   const at::Tensor* code_sums, const c10::optional<at::Tensor>& bias,
-                   int64_t out_features, bool swiglu) {
+                   const c10::optional<at::Tensor>& bias, int64_t out_features, bool swiglu) {
   if constexpr (F == Format::kNF4) {
     TORCH_CHECK(qweight.dtype() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
                 "qweight must be contiguous uint8 [N, Kp/2]");
@@ -338,13 +342,6 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   TORCH_CHECK(k <= kp && kp - k < kBlock, "input features ", k, " do not match weight ", kp);
   TORCH_CHECK(kp / kBlock <= kMaxBlocks, "in_features above ", kMaxBlocks * kBlock);
   TORCH_CHECK(scales.numel() == n_rows * (kp / kBlock), "scales do not match qweight");
-  const int16_t* sums = nullptr;
-  if constexpr (F == Format::kNF4) {
-    TORCH_CHECK(code_sums != nullptr && code_sums->dtype() == at::kShort &&
-                    code_sums->is_contiguous() && code_sums->numel() == scales.numel(),
-                "code_sums must be contiguous int16 [N, Kp/64] (from code_sums(qweight))");
-    sums = code_sums->data_ptr<int16_t>();
-  }
   const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
   const int64_t m = x2.size(0);
   const int64_t n_out = swiglu ? n_rows / 2 : n_rows;
@@ -381,8 +378,8 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   const Epilogue ep = swiglu ? Epilogue::kSwiGLU : Epilogue::kNone;
   pool().run((n_out + rows - 1) / rows, [&](int64_t chunk) {
     const int64_t begin = chunk * rows;
-    run_rows<F>(qw, sc, sums, bias_ptr, xq, m, kp, begin, std::min(n_out, begin + rows),
-                n_out, n_out, ep, o);
+    run_rows<F>(qw, sc, bias_ptr, xq, m, kp, begin, std::min(n_out, begin + rows), n_out,
+                n_out, ep, o);
   });
   out = out.reshape(out_shape);
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
@@ -390,42 +387,19 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
 
 // Arguments put the weight first so Python can bind them once (functools.partial).
 at::Tensor nf4_linear(const at::Tensor& qweight, const at::Tensor& scales,
-                      const at::Tensor& code_sums, const c10::optional<at::Tensor>& bias,
-                      const at::Tensor& x) {
-  return forward<Format::kNF4>(x, qweight, scales, &code_sums, bias, qweight.size(0), false);
+                      const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
+  return forward<Format::kNF4>(x, qweight, scales, bias, qweight.size(0), false);
 }
 
 at::Tensor q8_linear(const at::Tensor& qweight, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
-  return forward<Format::kQ8>(x, qweight, scales, nullptr, bias, qweight.size(0), false);
+  return forward<Format::kQ8>(x, qweight, scales, bias, qweight.size(0), false);
 }
 
 at::Tensor nf4_swiglu(const at::Tensor& qweight, const at::Tensor& scales,
-                      const at::Tensor& code_sums, const c10::optional<at::Tensor>& bias,
-                      const at::Tensor& x) {
+                      const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
   TORCH_CHECK(qweight.size(0) % 2 == 0, "fused gate/up weight needs an even row count");
-  return forward<Format::kNF4>(x, qweight, scales, &code_sums, bias, qweight.size(0) / 2,
-                               true);
-}
-
-// Per weight row and 64-block, the sum of its 7-bit codes (what the +128 activation
-// offset adds to each block's dot product); computed once per weight, when it is bound.
-at::Tensor code_sums(const at::Tensor& qweight) {
-  TORCH_CHECK(qweight.dtype() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
-              "qweight must be contiguous uint8 [N, Kp/2]");
-  const int64_t n = qweight.size(0), nb = qweight.size(1) / kBlockBytes;
-  at::Tensor out = at::empty({n, nb}, qweight.options().dtype(at::kShort));
-  const uint8_t* w = qweight.data_ptr<uint8_t>();
-  int16_t* o = out.data_ptr<int16_t>();
-  for (int64_t i = 0; i < n * nb; ++i) {
-    int32_t total = 0;
-    for (int j = 0; j < kBlockBytes; ++j) {
-      const uint8_t byte = w[i * kBlockBytes + j];
-      total += kLut.bytes[byte & 0x0F] + kLut.bytes[byte >> 4];
-    }
-    o[i] = int16_t(total);
-  }
-  return out;
+  return forward<Format::kNF4>(x, qweight, scales, bias, qweight.size(0) / 2, true);
 }
 
 // y = x / rms(x) * weight over the last dimension (float32 math, output in x's dtype).
@@ -468,28 +442,28 @@ at::Tensor token_attention(const at::Tensor& qkv, at::Tensor& k_cache, at::Tenso
 // with the same kernels the PyTorch modules call one by one (model.TransformerBlock with
 // NF4 linears), so the result is the same to the bit; one Python call per layer instead
 // of about ten saves ~2 ms of a ~13 ms SmolLM2 decode step here. `w` holds norm1, wqkv
-// (qweight, scales, code sums), wo (the same three), norm2, w13 (three), w2 (three);
-// weights come first so Python can bind them once.
+// (qweight, scales), wo (the same two), norm2, w13 (two), w2 (two); weights come first
+// so Python can bind them once.
 at::Tensor block_forward(const std::vector<at::Tensor>& w,
                          const c10::optional<at::Tensor>& qkv_bias, double eps,
                          const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_cache,
                          int64_t layer, const at::Tensor& slots, const at::Tensor& positions,
                          const at::Tensor& cos, const at::Tensor& sin, int64_t n_head,
                          int64_t n_kv_head) {
-  TORCH_CHECK(w.size() == 14, "block_forward takes 14 weight tensors, not ", w.size());
+  TORCH_CHECK(w.size() == 10, "block_forward takes 10 weight tensors, not ", w.size());
   const c10::optional<at::Tensor> none;
   auto linear = [&](const at::Tensor& in, int i, const c10::optional<at::Tensor>& bias) {
-    return forward<Format::kNF4>(in, w[i], w[i + 1], &w[i + 2], bias, w[i].size(0), false);
+    return forward<Format::kNF4>(in, w[i], w[i + 1], bias, w[i].size(0), false);
   };
   const at::Tensor rows = x.reshape({slots.numel(), -1}).to(at::kFloat);
   const at::Tensor qkv = linear(rms_norm(rows, w[0], eps), 1, qkv_bias);
   const at::Tensor attended = nf4::token_attention(qkv, k_cache, v_cache, layer, slots,
                                                     positions, cos, sin, n_head, n_kv_head,
                                                     pool());
-  const at::Tensor h = rows + linear(attended, 4, none);
-  const at::Tensor gated = forward<Format::kNF4>(rms_norm(h, w[7], eps), w[8], w[9], &w[10],
-                                                 none, w[8].size(0) / 2, true);
-  const at::Tensor out = h + linear(gated, 11, none);
+  const at::Tensor h = rows + linear(attended, 3, none);
+  const at::Tensor gated = forward<Format::kNF4>(rms_norm(h, w[5], eps), w[6], w[7], none,
+                                                 w[6].size(0) / 2, true);
+  const at::Tensor out = h + linear(gated, 8, none);
   return out.reshape(x.sizes()).to(x.scalar_type());
 }
 
@@ -510,7 +484,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while a kernel runs: the event loop keeps serving meanwhile.
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("linear", &nf4_linear, release(), "y = x @ dequant(W).T + bias (int8 activations)");
-  m.def("code_sums", &code_sums, release(), "per row and 64-block, the sum of the 7-bit codes");
   m.def("q8_linear", &q8_linear, release(),
         "y = x @ dequant(W).T + bias for 8-bit weights (int8 activations)");
   m.def("swiglu", &nf4_swiglu, release(),
