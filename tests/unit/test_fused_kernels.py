@@ -38,7 +38,8 @@ def reference(qkv, k, v, layer, slots, positions, cos, sin, n_head, n_kv):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize(("n_head", "n_kv", "d"), [(9, 3, 64), (14, 2, 64), (4, 4, 40)])
+@pytest.mark.parametrize(("n_head", "n_kv", "d"), [(9, 3, 64), (14, 2, 64), (4, 4, 40),
+                                                  (2, 1, 36)])
 def test_matches_the_pytorch_ops_on_random_caches(kernel, n_head, n_kv, d):
     torch.manual_seed(n_head)
     layers, n_slots, length = 3, 6, 700

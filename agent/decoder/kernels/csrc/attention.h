@@ -33,25 +33,106 @@ inline void rope_rotate(const float* x, const float* cos, const float* sin, int6
   }
 }
 
+#if NF4_VEC_MATH
+// Lane i of the result is the sum of the eight lanes of a[i]. Every key goes through the
+// same pairing of lanes, whichever of the eight it is.
+inline __m256 sum_each(const __m256 a[8]) {
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                       _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// Scores of eight keys (rows `d` apart) against q: eight independent accumulators over the
+// eight-wide columns, then one transposing reduction, instead of a horizontal sum per key
+// (whose latency bounded the old loop at long contexts).
+inline __m256 eight_scores(const float* q, const float* k, int64_t d) {
+  __m256 a[8];
+  for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+  const int64_t wide = d / 8 * 8;
+  for (int64_t j = 0; j < wide; j += 8) {
+    const __m256 qj = _mm256_loadu_ps(q + j);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qj, _mm256_loadu_ps(k + i * d + j), a[i]);
+  }
+  __m256 s = sum_each(a);
+  if (wide < d) {  // head sizes that are not a multiple of eight
+    alignas(32) float rest[8];
+    for (int i = 0; i < 8; ++i) {
+      float r = 0.0f;
+      for (int64_t j = wide; j < d; ++j) r += q[j] * k[i * d + j];
+      rest[i] = r;
+    }
+    s = _mm256_add_ps(s, _mm256_load_ps(rest));
+  }
+  return s;
+}
+
+// out[8R] = sum_t p[t] v[t][:8R], v rows `d` apart: R accumulators, one FMA each per key.
+template <int R>
+inline void weighted_columns(const float* p, const float* v, int64_t n, int64_t d, float* out) {
+  __m256 a[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    const __m256 w = _mm256_broadcast_ss(p + t);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + t * d + 8 * r), a[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + 8 * r, a[r]);
+}
+#endif
+
+// scores[t] = q . k[t] for t < n (rows `d` apart); returns the largest. Keys go eight at a
+// time, the last few padded with zero rows, so a key's score does not depend on where the
+// row's history happens to end.
+inline float key_scores(const float* q, const float* k, int64_t n, int64_t d, float* scores) {
+  float top = -INFINITY;
+#if NF4_VEC_MATH
+  int64_t t = 0;
+  __m256 top8 = _mm256_set1_ps(-INFINITY);
+  for (; t + 8 <= n; t += 8) {
+    const __m256 s = eight_scores(q, k + t * d, d);
+    _mm256_storeu_ps(scores + t, s);
+    top8 = _mm256_max_ps(top8, s);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top8);
+  for (float x : lanes) top = std::max(top, x);
+  if (t < n) {
+    thread_local std::vector<float> padded;
+    padded.assign(8 * d, 0.0f);
+    std::copy(k + t * d, k + n * d, padded.data());
+    _mm256_store_ps(lanes, eight_scores(q, padded.data(), d));
+    for (int64_t i = 0; t + i < n; ++i) {
+      scores[t + i] = lanes[i];
+      top = std::max(top, lanes[i]);
+    }
+  }
+#else
+  for (int64_t t = 0; t < n; ++t) {
+    scores[t] = dot(q, k + t * d, d);
+    top = std::max(top, scores[t]);
+  }
+#endif
+  return top;
+}
+
 // out[D] = sum_t p[t] v[t] for t < n, v rows `d` apart; accumulators stay in registers.
 inline void weighted_rows(const float* p, const float* v, int64_t n, int64_t d, float* out) {
   int64_t d0 = 0;
 #if NF4_VEC_MATH
-  for (; d0 + 32 <= d; d0 += 32) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t t = 0; t < n; ++t) {
-      const float* row = v + t * d + d0;
-      const __m256 w = _mm256_broadcast_ss(p + t);
-      a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row), a0);
-      a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8), a1);
-      a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 16), a2);
-      a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 24), a3);
-    }
-    _mm256_storeu_ps(out + d0, a0);
-    _mm256_storeu_ps(out + d0 + 8, a1);
-    _mm256_storeu_ps(out + d0 + 16, a2);
-    _mm256_storeu_ps(out + d0 + 24, a3);
+  for (; d0 + 64 <= d; d0 += 64) weighted_columns<8>(p, v + d0, n, d, out + d0);
+  switch ((d - d0) / 8) {
+    case 7: weighted_columns<7>(p, v + d0, n, d, out + d0); break;
+    case 6: weighted_columns<6>(p, v + d0, n, d, out + d0); break;
+    case 5: weighted_columns<5>(p, v + d0, n, d, out + d0); break;
+    case 4: weighted_columns<4>(p, v + d0, n, d, out + d0); break;
+    case 3: weighted_columns<3>(p, v + d0, n, d, out + d0); break;
+    case 2: weighted_columns<2>(p, v + d0, n, d, out + d0); break;
+    case 1: weighted_columns<1>(p, v + d0, n, d, out + d0); break;
+    default: break;
   }
+  d0 += (d - d0) / 8 * 8;
 #endif
   if (d0 < d) {
     std::fill(out + d0, out + d, 0.0f);
@@ -122,11 +203,7 @@ inline at::Tensor token_attention(const at::Tensor& qkv, at::Tensor& k_cache,
     scores.resize(n);
     rope_rotate(xp + b * width + h * d, cp + pos[b] * half, sp + pos[b] * half, d, scale,
                 q.data());
-    float top = -INFINITY;
-    for (int64_t t = 0; t < n; ++t) {
-      scores[t] = dot(q.data(), kc + base + t * d, d);
-      top = std::max(top, scores[t]);
-    }
+    const float top = key_scores(q.data(), kc + base, n, d, scores.data());
     const float inv = 1.0f / exp_shifted_sum(scores.data(), n, top);
     float* y = op + b * n_head * d + h * d;
     weighted_rows(scores.data(), vc + base, n, d, y);
