@@ -53,7 +53,7 @@ class Engine:
     @property
     def kv_bytes_per_token(self) -> int:
         a = self.args
-        return 2 * a.n_layer * a.n_kv_head * a.head_dim * 4  # float32 k and v
+        return 2 * a.n_layer * a.n_kv_head * a.head_dim * self.model.cache_dtype.itemsize
 
     def weight_bytes(self) -> int:
         """Bytes of weights held in memory (NF4 linears + float embedding and norms)."""

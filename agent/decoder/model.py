@@ -169,6 +169,7 @@ class KVCache:
             step.write_v[layer].copy_(v.transpose(0, 1))
         else:
             rows = (len(step.slots), step.n_tokens)
+            k, v = k.to(self.k.dtype), v.to(self.v.dtype)
             self.k[layer].index_put_(step.write_index, k.unflatten(0, rows))  # [B, T, Hkv, D]
             self.v[layer].index_put_(step.write_index, v.unflatten(0, rows))
 
@@ -312,6 +313,7 @@ class Attention(nn.Module):
             rows = q.new_zeros(step.hi - step.lo, *q.shape[1:])
             q = rows.index_copy_(0, step.row_of, q)  # [R, Hkv, G, D]
         k, v = step.read_k[self.layer], step.read_v[self.layer]  # [R, Hkv, t_max, D]
+        k, v = k.to(q.dtype), v.to(q.dtype)  # a float16 cache (the kernel backends')
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask)  # [R, Hkv, G, D]
         if not step.dense:
             y = y.index_select(0, step.row_of)
@@ -322,8 +324,8 @@ class Attention(nn.Module):
         out = []
         for row, (slot, mask) in enumerate(zip(step.slots, step.masks, strict=True)):
             end = step.start[row] + seqlen
-            k = cache.k[self.layer, slot:slot + 1, :, :end]  # [1, Hkv, end, D]
-            v = cache.v[self.layer, slot:slot + 1, :, :end]
+            k = cache.k[self.layer, slot:slot + 1, :, :end].to(q.dtype)  # [1, Hkv, end, D]
+            v = cache.v[self.layer, slot:slot + 1, :, :end].to(q.dtype)
             qr = q[row * seqlen:(row + 1) * seqlen].transpose(0, 1)[None]  # [1, H, T, D]
             y = F.scaled_dot_product_attention(qr, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=True)
@@ -376,6 +378,9 @@ class Transformer(nn.Module):
         # A kernel backend's one-call attention for new tokens (quantize.py sets it; see
         # kernels/__init__.py), else the PyTorch ops below.
         self.token_attention: Callable[..., Tensor] | None = None
+        # What new caches store keys and values as; float16 where that attention kernel
+        # runs (half the memory per stream, half the bytes read per key).
+        self.cache_dtype = torch.float32
 
     def setup_rope(self, freq_factors: Tensor | None = None) -> None:
         """cos/sin tables [context_length, head_dim / 2] (float64 math, stored float32)."""
@@ -391,7 +396,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, n_slots: int, max_seq_len: int | None = None) -> KVCache:
         length = min(max_seq_len or self.args.context_length, self.args.context_length)
-        return KVCache(self.args, n_slots, length)
+        return KVCache(self.args, n_slots, length, self.cache_dtype)
 
     def forward(self, tokens: Tensor, cache: KVCache, slots: list[int], start: list[int],
                 *, all_logits: bool = False) -> Tensor:

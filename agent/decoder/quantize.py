@@ -23,6 +23,7 @@ import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from agent.decoder import nf4, q8
@@ -227,6 +228,8 @@ def _fuse_kernel_paths(model: nn.Module, backend: Backend) -> None:
         return
     attention = getattr(backend, "token_attention_kernel", None)
     model.token_attention = attention() if attention else None
+    if model.token_attention is not None:  # it reads and writes float16 caches too
+        model.cache_dtype = torch.float16
     block_kernel = getattr(backend, "block_kernel", None)
     for block in model.layers:
         assert isinstance(block, TransformerBlock)

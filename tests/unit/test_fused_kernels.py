@@ -59,6 +59,66 @@ def test_matches_the_pytorch_ops_on_random_caches(kernel, n_head, n_kv, d):
     assert torch.equal(v, v_ref)  # the new values, as they came
 
 
+def test_a_float16_cache_is_read_and_written_like_a_float32_one(kernel):
+    """The kernel backends keep keys and values in float16: attention over a float16 cache
+    equals attention over the float32 values it holds, and new keys and values are written
+    into it as float16. (The new tokens' keys and values are chosen exact in float16, at
+    positions whose rotation is the identity, so both caches receive the same values.)"""
+    torch.manual_seed(3)
+    n_head, n_kv, d, length = 9, 3, 64, 300
+    k = torch.randn(2, 4, n_kv, length, d).half()
+    v = torch.randn(2, 4, n_kv, length, d).half()
+    k32, v32 = k.float(), v.float()
+    angles = torch.rand(length, d // 2) * 20
+    slots, positions = torch.tensor([3, 1]), torch.tensor([5, 290])
+    angles[positions] = 0.0
+    cos, sin = angles.cos(), angles.sin()
+    qkv = torch.randn(2, (n_head + 2 * n_kv) * d).half().float()
+    got = kernel(qkv, k, v, 1, slots, positions, cos, sin, n_head, n_kv)
+    want = kernel(qkv, k32, v32, 1, slots, positions, cos, sin, n_head, n_kv)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+    assert k.dtype == torch.float16 and torch.equal(k.float(), k32)
+    assert torch.equal(v.float(), v32)
+    new_key = qkv.view(2, -1, d)[1, n_head]  # row 1's first key head, slot 1, position 290
+    assert torch.equal(k[1, 1, 0, 290].float(), new_key)
+
+
+def test_a_float16_cache_keeps_the_models_answers(kernel, settings):
+    """The kernel backends' models keep keys and values in float16 (half the memory per
+    stream). With fp32 linears, so the cache is the only difference, two streams' greedy
+    replies equal those of a float32 cache and their logits stay within 0.05 (of ~25).
+    (The NF4 engine is not the yardstick here: its int8 activations turn any perturbation,
+    even 1e-4 of the embeddings, into logit changes of ~1.7.)"""
+    from agent.decoder.engine import load_engine
+
+    quantised = load_engine("smollm2", settings=settings, backend="cpu", progress=False)
+    if quantised.model.token_attention is not None:
+        assert quantised.model.cache_dtype == torch.float16
+        assert quantised.kv_bytes_per_token == quantised.model.new_cache(1, 8).bytes_per_token
+    engine = fp32_engine("smollm2")
+    model = engine.model
+    model.token_attention = kernel
+    prompts = [engine.encode_prompt(q) for q in
+               ("What is the capital of France?", "Name three colours.")]
+    replies, logits = {}, {}
+    with torch.inference_mode():
+        for dtype in (torch.float16, torch.float32):
+            model.cache_dtype = dtype
+            cache = model.new_cache(2, 256)
+            first = torch.stack([prefill(model, cache, s, p) for s, p in enumerate(prompts)])
+            tokens, positions = first.argmax(-1).tolist(), [len(p) for p in prompts]
+            replies[dtype], logits[dtype] = [tokens], [first]
+            for _ in range(24):
+                step = decode_one(model, cache, tokens, [0, 1], positions)
+                tokens, positions = step.argmax(-1).tolist(), [p + 1 for p in positions]
+                replies[dtype].append(tokens)
+                logits[dtype].append(step)
+    model.cache_dtype, model.token_attention = torch.float32, None
+    assert replies[torch.float16] == replies[torch.float32]
+    for half, full in zip(logits[torch.float16], logits[torch.float32], strict=True):
+        torch.testing.assert_close(half, full, rtol=0, atol=0.05)
+
+
 def test_out_of_range_slots_and_positions_are_refused(kernel):
     k = v = torch.zeros(1, 2, 1, 8, 8)
     tables = torch.ones(8, 4), torch.zeros(8, 4)

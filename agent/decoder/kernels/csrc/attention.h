@@ -6,8 +6,9 @@
 // scaled_dot_product_attention, at a few microseconds of dispatch instead of ~150 per
 // layer. Same maths in float32; the rotate-half RoPE layout.
 //
-// Shapes: qkv [R, (H + 2 Hkv) D]; caches [L, S, Hkv, T, D] (model.KVCache); slots and
-// positions int64 [R]; cos, sin [context, D / 2]. Returns [R, H D].
+// Shapes: qkv [R, (H + 2 Hkv) D]; caches [L, S, Hkv, T, D] (model.KVCache), float32 or
+// float16 (half the memory and half the bytes read per key; the maths stays float32);
+// slots and positions int64 [R]; cos, sin [context, D / 2]. Returns [R, H D].
 
 #pragma once
 
@@ -21,6 +22,30 @@
 #include "vec_math.h"
 
 namespace nf4 {
+
+// A cache element as float, and back: float32 caches as they are, float16 ones through
+// F16C eight at a time.
+inline float to_float(float x) { return x; }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+inline void store_row(const float* x, int64_t n, float* out) { std::copy_n(x, n, out); }
+inline void store_row(const float* x, int64_t n, c10::Half* out) {
+  int64_t i = 0;
+#if NF4_VEC_MATH
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  }
+#endif
+  for (; i < n; ++i) out[i] = c10::Half(x[i]);
+}
+
+#if NF4_VEC_MATH
+inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load8(const c10::Half* x) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+#endif
 
 // y[:D/2] = x1 cos - x2 sin, y[D/2:] = x2 cos + x1 sin  (x = [x1, x2]).
 inline void rope_rotate(const float* x, const float* cos, const float* sin, int64_t d,
@@ -46,21 +71,22 @@ inline __m256 sum_each(const __m256 a[8]) {
 // Scores of eight keys (rows `d` apart) against q: eight independent accumulators over the
 // eight-wide columns, then one transposing reduction, instead of a horizontal sum per key
 // (whose latency bounded the old loop at long contexts).
-inline __m256 eight_scores(const float* q, const float* k, int64_t d) {
+template <typename C>
+inline __m256 eight_scores(const float* q, const C* k, int64_t d) {
   __m256 a[8];
   for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
   const int64_t wide = d / 8 * 8;
   for (int64_t j = 0; j < wide; j += 8) {
     const __m256 qj = _mm256_loadu_ps(q + j);
 #pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qj, _mm256_loadu_ps(k + i * d + j), a[i]);
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qj, load8(k + i * d + j), a[i]);
   }
   __m256 s = sum_each(a);
   if (wide < d) {  // head sizes that are not a multiple of eight
     alignas(32) float rest[8];
     for (int i = 0; i < 8; ++i) {
       float r = 0.0f;
-      for (int64_t j = wide; j < d; ++j) r += q[j] * k[i * d + j];
+      for (int64_t j = wide; j < d; ++j) r += q[j] * to_float(k[i * d + j]);
       rest[i] = r;
     }
     s = _mm256_add_ps(s, _mm256_load_ps(rest));
@@ -69,14 +95,14 @@ inline __m256 eight_scores(const float* q, const float* k, int64_t d) {
 }
 
 // out[8R] = sum_t p[t] v[t][:8R], v rows `d` apart: R accumulators, one FMA each per key.
-template <int R>
-inline void weighted_columns(const float* p, const float* v, int64_t n, int64_t d, float* out) {
+template <int R, typename C>
+inline void weighted_columns(const float* p, const C* v, int64_t n, int64_t d, float* out) {
   __m256 a[R];
   for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
   for (int64_t t = 0; t < n; ++t) {
     const __m256 w = _mm256_broadcast_ss(p + t);
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + t * d + 8 * r), a[r]);
+    for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(w, load8(v + t * d + 8 * r), a[r]);
   }
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + 8 * r, a[r]);
 }
@@ -85,7 +111,8 @@ inline void weighted_columns(const float* p, const float* v, int64_t n, int64_t 
 // scores[t] = q . k[t] for t < n (rows `d` apart); returns the largest. Keys go eight at a
 // time, the last few padded with zero rows, so a key's score does not depend on where the
 // row's history happens to end.
-inline float key_scores(const float* q, const float* k, int64_t n, int64_t d, float* scores) {
+template <typename C>
+inline float key_scores(const float* q, const C* k, int64_t n, int64_t d, float* scores) {
   float top = -INFINITY;
 #if NF4_VEC_MATH
   int64_t t = 0;
@@ -99,8 +126,8 @@ inline float key_scores(const float* q, const float* k, int64_t n, int64_t d, fl
   _mm256_store_ps(lanes, top8);
   for (float x : lanes) top = std::max(top, x);
   if (t < n) {
-    thread_local std::vector<float> padded;
-    padded.assign(8 * d, 0.0f);
+    thread_local std::vector<C> padded;
+    padded.assign(8 * d, C(0.0f));
     std::copy(k + t * d, k + n * d, padded.data());
     _mm256_store_ps(lanes, eight_scores(q, padded.data(), d));
     for (int64_t i = 0; t + i < n; ++i) {
@@ -110,15 +137,18 @@ inline float key_scores(const float* q, const float* k, int64_t n, int64_t d, fl
   }
 #else
   for (int64_t t = 0; t < n; ++t) {
-    scores[t] = dot(q, k + t * d, d);
-    top = std::max(top, scores[t]);
+    float total = 0.0f;
+    for (int64_t j = 0; j < d; ++j) total += q[j] * to_float(k[t * d + j]);
+    scores[t] = total;
+    top = std::max(top, total);
   }
 #endif
   return top;
 }
 
 // out[D] = sum_t p[t] v[t] for t < n, v rows `d` apart; accumulators stay in registers.
-inline void weighted_rows(const float* p, const float* v, int64_t n, int64_t d, float* out) {
+template <typename C>
+inline void weighted_rows(const float* p, const C* v, int64_t n, int64_t d, float* out) {
   int64_t d0 = 0;
 #if NF4_VEC_MATH
   for (; d0 + 64 <= d; d0 += 64) weighted_columns<8>(p, v + d0, n, d, out + d0);
@@ -137,61 +167,29 @@ inline void weighted_rows(const float* p, const float* v, int64_t n, int64_t d, 
   if (d0 < d) {
     std::fill(out + d0, out + d, 0.0f);
     for (int64_t t = 0; t < n; ++t) {
-      for (int64_t i = d0; i < d; ++i) out[i] += p[t] * v[t * d + i];
+      for (int64_t i = d0; i < d; ++i) out[i] += p[t] * to_float(v[t * d + i]);
     }
   }
 }
 
-inline at::Tensor token_attention(const at::Tensor& qkv, at::Tensor& k_cache,
-                                   at::Tensor& v_cache, int64_t layer,
-                                   const at::Tensor& slots, const at::Tensor& positions,
-                                   const at::Tensor& cos, const at::Tensor& sin,
-                                   int64_t n_head, int64_t n_kv_head, ThreadPool& pool) {
-  TORCH_CHECK(k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes(),
-              "caches must be [layers, slots, kv heads, positions, head dim]");
-  TORCH_CHECK(k_cache.dtype() == at::kFloat && v_cache.dtype() == at::kFloat &&
-                  k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "caches must be contiguous float32");
-  const int64_t n_slots = k_cache.size(1), max_t = k_cache.size(3), d = k_cache.size(4);
-  TORCH_CHECK(k_cache.size(2) == n_kv_head && n_head % n_kv_head == 0, "head counts mismatch");
-  TORCH_CHECK(layer >= 0 && layer < k_cache.size(0), "layer out of range");
-  const int64_t b_rows = slots.numel();
-  const at::Tensor x = qkv.reshape({b_rows, -1}).to(at::kFloat).contiguous();
-  TORCH_CHECK(x.size(1) == (n_head + 2 * n_kv_head) * d, "qkv width mismatch");
-  TORCH_CHECK(positions.numel() == b_rows, "one position per row");
-  const at::Tensor slot_t = slots.to(at::kLong).contiguous();
-  const at::Tensor pos_t = positions.to(at::kLong).contiguous();
-  const at::Tensor c = cos.to(at::kFloat).contiguous(), s = sin.to(at::kFloat).contiguous();
-  TORCH_CHECK(c.dim() == 2 && c.size(1) * 2 == d && c.sizes() == s.sizes(), "rope tables");
-  const int64_t* slot = slot_t.data_ptr<int64_t>();
-  const int64_t* pos = pos_t.data_ptr<int64_t>();
-  for (int64_t b = 0; b < b_rows; ++b) {
-    TORCH_CHECK(slot[b] >= 0 && slot[b] < n_slots, "slot out of range");
-    TORCH_CHECK(pos[b] >= 0 && pos[b] < std::min(max_t, c.size(0)), "position out of range");
-  }
-  const float* xp = x.data_ptr<float>();
-  const int64_t width = x.size(1);
-  const int64_t head_stride = max_t * d;
-  const int64_t layer_stride = n_slots * n_kv_head * head_stride;
-  float* kc = k_cache.data_ptr<float>() + layer * layer_stride;
-  float* vc = v_cache.data_ptr<float>() + layer * layer_stride;
-  const float* cp = c.data_ptr<float>();
-  const float* sp = s.data_ptr<float>();
+// What token_attention does once its arguments are checked: `C` is the cache's element.
+template <typename C>
+void attend(const float* xp, int64_t b_rows, int64_t width, C* kc, C* vc, int64_t head_stride,
+            const int64_t* slot, const int64_t* pos, const float* cp, const float* sp,
+            int64_t n_head, int64_t n_kv_head, int64_t d, ThreadPool& pool, float* op) {
   const int64_t half = d / 2;
-
   // The new keys (rotated) and values first: the row's query heads, and later rows of
   // the same slot, read them.
+  std::vector<float> rotated(d);
   for (int64_t b = 0; b < b_rows; ++b) {
     for (int64_t g = 0; g < n_kv_head; ++g) {
       const int64_t at = (slot[b] * n_kv_head + g) * head_stride + pos[b] * d;
       rope_rotate(xp + b * width + (n_head + g) * d, cp + pos[b] * half, sp + pos[b] * half,
-                  d, 1.0f, kc + at);
-      std::copy_n(xp + b * width + (n_head + n_kv_head + g) * d, d, vc + at);
+                  d, 1.0f, rotated.data());
+      store_row(rotated.data(), d, kc + at);
+      store_row(xp + b * width + (n_head + n_kv_head + g) * d, d, vc + at);
     }
   }
-
-  at::Tensor out = at::empty({b_rows, n_head * d}, x.options());
-  float* op = out.data_ptr<float>();
   const int64_t group = n_head / n_kv_head;
   const float scale = 1.0f / std::sqrt(float(d));
   pool.run(b_rows * n_head, [&](int64_t task) {
@@ -209,6 +207,51 @@ inline at::Tensor token_attention(const at::Tensor& qkv, at::Tensor& k_cache,
     weighted_rows(scores.data(), vc + base, n, d, y);
     for (int64_t i = 0; i < d; ++i) y[i] *= inv;
   });
+}
+
+inline at::Tensor token_attention(const at::Tensor& qkv, at::Tensor& k_cache,
+                                   at::Tensor& v_cache, int64_t layer,
+                                   const at::Tensor& slots, const at::Tensor& positions,
+                                   const at::Tensor& cos, const at::Tensor& sin,
+                                   int64_t n_head, int64_t n_kv_head, ThreadPool& pool) {
+  TORCH_CHECK(k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes(),
+              "caches must be [layers, slots, kv heads, positions, head dim]");
+  const auto dtype = k_cache.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kHalf) && v_cache.scalar_type() == dtype &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "caches must be contiguous, both float32 or both float16");
+  const int64_t n_slots = k_cache.size(1), max_t = k_cache.size(3), d = k_cache.size(4);
+  TORCH_CHECK(k_cache.size(2) == n_kv_head && n_head % n_kv_head == 0, "head counts mismatch");
+  TORCH_CHECK(layer >= 0 && layer < k_cache.size(0), "layer out of range");
+  const int64_t b_rows = slots.numel();
+  const at::Tensor x = qkv.reshape({b_rows, -1}).to(at::kFloat).contiguous();
+  TORCH_CHECK(x.size(1) == (n_head + 2 * n_kv_head) * d, "qkv width mismatch");
+  TORCH_CHECK(positions.numel() == b_rows, "one position per row");
+  const at::Tensor slot_t = slots.to(at::kLong).contiguous();
+  const at::Tensor pos_t = positions.to(at::kLong).contiguous();
+  const at::Tensor c = cos.to(at::kFloat).contiguous(), s = sin.to(at::kFloat).contiguous();
+  TORCH_CHECK(c.dim() == 2 && c.size(1) * 2 == d && c.sizes() == s.sizes(), "rope tables");
+  const int64_t* slot = slot_t.data_ptr<int64_t>();
+  const int64_t* pos = pos_t.data_ptr<int64_t>();
+  for (int64_t b = 0; b < b_rows; ++b) {
+    TORCH_CHECK(slot[b] >= 0 && slot[b] < n_slots, "slot out of range");
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < std::min(max_t, c.size(0)), "position out of range");
+  }
+  const int64_t head_stride = max_t * d;
+  const int64_t layer_offset = layer * n_slots * n_kv_head * head_stride;
+  at::Tensor out = at::empty({b_rows, n_head * d}, x.options());
+  const float* xp = x.data_ptr<float>();
+  if (dtype == at::kHalf) {
+    attend(xp, b_rows, x.size(1), k_cache.data_ptr<at::Half>() + layer_offset,
+           v_cache.data_ptr<at::Half>() + layer_offset, head_stride, slot, pos,
+           c.data_ptr<float>(), s.data_ptr<float>(), n_head, n_kv_head, d, pool,
+           out.data_ptr<float>());
+  } else {
+    attend(xp, b_rows, x.size(1), k_cache.data_ptr<float>() + layer_offset,
+           v_cache.data_ptr<float>() + layer_offset, head_stride, slot, pos,
+           c.data_ptr<float>(), s.data_ptr<float>(), n_head, n_kv_head, d, pool,
+           out.data_ptr<float>());
+  }
   return qkv.scalar_type() == at::kFloat ? out : out.to(qkv.scalar_type());
 }
 

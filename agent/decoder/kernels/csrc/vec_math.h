@@ -12,7 +12,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define NF4_VEC_MATH 1
 #else
@@ -43,7 +43,8 @@ inline __m256 exp8(__m256 x) {
 
 // silu(g) * u = g / (1 + e^-g) * u
 inline __m256 silu_mul8(__m256 g, __m256 u) {
-  const __m256 denom = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)));
+  const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+  const __m256 denom = _mm256_add_ps(_mm256_set1_ps(1.0f), e);
   return _mm256_mul_ps(_mm256_div_ps(g, denom), u);
 }
 
