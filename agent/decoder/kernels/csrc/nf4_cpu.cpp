@@ -85,7 +85,8 @@ const Lut kLut;
 // Activations quantised per row and 64-block.
 struct QuantRows {
   std::vector<int8_t> q;     // [M, Kp]  int8
-  std::vector<float> scale;  // [M, B]   absmax / 127 / 63 (the 1/63 undoes the weight table)
+  std::vector<float> scale;   // [M, Bp]  absmax / 127 / 63 (the 1/63 undoes the weight
+                              //          table), zero past B
   std::vector<float> excess;  // [M, Bp]  kCodeShift * block sum of q (NF4), zero past B
 };
 
@@ -97,7 +98,7 @@ void quantise_rows(const float* x, int64_t m, int64_t k, int64_t kp, bool sums,
   const int64_t nbp = padded_blocks(nb);
   // Every element is written below except the (zero) padding past k.
   out.q.resize(m * kp);
-  out.scale.resize(m * nb);
+  out.scale.assign(m * nbp, 0.0f);
   if (sums) out.excess.assign(m * nbp, 0.0f);
   constexpr int64_t kRowsPerChunk = 16;
   pool().run((m + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t chunk) {
@@ -117,7 +118,7 @@ void quantise_rows(const float* x, int64_t m, int64_t k, int64_t kp, bool sums,
           qr[i] = int8_t(std::nearbyint(xr[i] * inv));
           total += qr[i];
         }
-        out.scale[r * nb + b] = amax / 127.0f / 63.0f;
+        out.scale[r * nbp + b] = amax / 127.0f / 63.0f;
         if (sums) out.excess[r * nbp + b] = float(kCodeShift * total);
       }
     }
@@ -140,7 +141,7 @@ enum class Format { kNF4, kQ8 };
 constexpr int64_t block_bytes(Format f) { return f == Format::kNF4 ? 32 : 64; }
 
 // Dot products of weight rows [0, n_rows) (row_bytes apart, float scales `nbp` apart in
-// `wscales`) with MR activation rows starting at r0: dots[n * kMaxRows + r].
+// `wscales`, zero past nb) with MR activation rows starting at r0: dots[n * kMaxRows + r].
 // One call covers a chunk's rows so the constants, the activation rows (in L1) and the
 // loop set-up are paid once per chunk, not once per weight row: at K = 576 (nine blocks)
 // the per-row set-up cost about a third of the time.
@@ -159,13 +160,18 @@ void tile_dots(const uint8_t* w, int64_t row_bytes, const float* wscales, int64_
   const __m256i ones = _mm256_set1_epi16(1);
   const int8_t* xrow = xq.q.data() + r0 * kp;
   constexpr int64_t kBytes = block_bytes(F);
-  for (int r = 0; r < MR; ++r) std::fill(d[r] + nb, d[r] + nbp, 0.0f);
+  const __m256 unit = _mm256_set1_ps(kUnit);
   for (int64_t n = 0; n < n_rows; ++n) {
     const uint8_t* wn = w + n * row_bytes;
     const float* sn = wscales + n * nbp;
+    // Eight blocks at a time over the padding (zero on both sides), so the table costs a
+    // few instructions per row rather than a loop with a scalar tail.
     for (int r = 0; r < MR; ++r) {
-      const float* xs = xq.scale.data() + (r0 + r) * nb;
-      for (int64_t b = 0; b < nb; ++b) d[r][b] = sn[b] * xs[b] * kUnit;
+      const float* xs = xq.scale.data() + (r0 + r) * nbp;
+      for (int64_t b = 0; b < nbp; b += 8) {
+        _mm256_store_ps(&d[r][b], _mm256_mul_ps(
+            _mm256_mul_ps(_mm256_loadu_ps(sn + b), _mm256_loadu_ps(xs + b)), unit));
+      }
     }
     // Named accumulators (not an array) so the compiler keeps them in registers.
     __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
@@ -229,7 +235,7 @@ void tile_dots(const uint8_t* w, int64_t row_bytes, const float* wscales, int64_
     const float* sn = wscales + n * nbp;
     for (int r = 0; r < MR; ++r) {
       const int8_t* xr = xq.q.data() + (r0 + r) * kp;
-      const float* xs = xq.scale.data() + (r0 + r) * nb;
+      const float* xs = xq.scale.data() + (r0 + r) * nbp;
       float total = 0.0f;
       for (int64_t b = 0; b < nb; ++b) {
         int32_t dot = 0;
@@ -299,6 +305,7 @@ void run_rows(const uint8_t* qweight, const at::Half* scales, const float* bias,
   for (int64_t t = 0; t < n_tables; ++t) {
     const int64_t n = n_begin + t % width + (t >= width ? partner : 0);
     convert_scales(scales + n * nb, nb, sc.data() + t * nbp);
+    std::fill(sc.data() + t * nbp + nb, sc.data() + (t + 1) * nbp, 0.0f);
   }
   for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
     const int rows = int(std::min<int64_t>(kMaxRows, m - r0));
