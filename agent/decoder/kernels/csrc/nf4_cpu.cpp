@@ -58,7 +58,7 @@ nf4::ThreadPool& pool() {
 
 constexpr int kBlock = 64;
 constexpr int kBlockBytes = 32;
-constexpr int kMaxRows = 4;  // activation rows sharing one decoded weight block
+constexpr int kMaxRows = 8;  // activation rows sharing one decoded weight block
 
 const float kCodebook[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
@@ -141,7 +141,8 @@ enum class Format { kNF4, kQ8 };
 constexpr int64_t block_bytes(Format f) { return f == Format::kNF4 ? 32 : 64; }
 
 // Dot products of weight rows [0, n_rows) (row_bytes apart, float scales `nbp` apart in
-// `wscales`, zero past nb) with MR activation rows starting at r0: dots[n * kMaxRows + r].
+// `wscales`, zero past nb) with MR activation rows starting at r0: dots[n * MR + r]. Sums
+// are stored four at a time, so `dots` needs four floats of room past its last row.
 // One call covers a chunk's rows so the constants, the activation rows (in L1) and the
 // loop set-up are paid once per chunk, not once per weight row: at K = 576 (nine blocks)
 // the per-row set-up cost about a third of the time.
@@ -175,6 +176,7 @@ void tile_dots(const uint8_t* w, int64_t row_bytes, const float* wscales, int64_
     }
     // Named accumulators (not an array) so the compiler keeps them in registers.
     __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    __m256 acc4 = acc0, acc5 = acc0, acc6 = acc0, acc7 = acc0;
     // lo, hi: the block's weights 0-31 and 32-63 as PMADDUBSW's unsigned operand.
     auto step = [&](__m256 acc, int r, int64_t b, __m256i lo, __m256i hi)
         __attribute__((always_inline)) {
@@ -210,6 +212,10 @@ void tile_dots(const uint8_t* w, int64_t row_bytes, const float* wscales, int64_
       if constexpr (MR > 1) acc1 = step(acc1, 1, b, lo, hi);
       if constexpr (MR > 2) acc2 = step(acc2, 2, b, lo, hi);
       if constexpr (MR > 3) acc3 = step(acc3, 3, b, lo, hi);
+      if constexpr (MR > 4) acc4 = step(acc4, 4, b, lo, hi);
+      if constexpr (MR > 5) acc5 = step(acc5, 5, b, lo, hi);
+      if constexpr (MR > 6) acc6 = step(acc6, 6, b, lo, hi);
+      if constexpr (MR > 7) acc7 = step(acc7, 7, b, lo, hi);
     }
     if constexpr (F == Format::kNF4) {  // minus sum_b d[r][b] * 63 * activation sum[b]
       auto offset = [&](__m256 acc, int r) __attribute__((always_inline)) {
@@ -223,11 +229,20 @@ void tile_dots(const uint8_t* w, int64_t row_bytes, const float* wscales, int64_
       if constexpr (MR > 1) acc1 = offset(acc1, 1);
       if constexpr (MR > 2) acc2 = offset(acc2, 2);
       if constexpr (MR > 3) acc3 = offset(acc3, 3);
+      if constexpr (MR > 4) acc4 = offset(acc4, 4);
+      if constexpr (MR > 5) acc5 = offset(acc5, 5);
+      if constexpr (MR > 6) acc6 = offset(acc6, 6);
+      if constexpr (MR > 7) acc7 = offset(acc7, 7);
     }
-    // The four horizontal sums at once: lane i of the result is row i's total.
-    const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(acc0, acc1), _mm256_hadd_ps(acc2, acc3));
-    _mm_storeu_ps(dots + n * kMaxRows, _mm_add_ps(_mm256_castps256_ps128(pairs),
-                                                  _mm256_extractf128_ps(pairs, 1)));
+    // Four horizontal sums at once: lane i of the result is row i's total.
+    auto four_sums = [](__m256 a, __m256 b, __m256 c, __m256 e, float* out)
+        __attribute__((always_inline)) {
+      const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, e));
+      _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(pairs),
+                                    _mm256_extractf128_ps(pairs, 1)));
+    };
+    four_sums(acc0, acc1, acc2, acc3, dots + n * MR);  // rows past MR are overwritten next
+    if constexpr (MR > 4) four_sums(acc4, acc5, acc6, acc7, dots + n * MR + 4);
   }
 #else
   for (int64_t n = 0; n < n_rows; ++n) {
@@ -252,7 +267,7 @@ void tile_dots(const uint8_t* w, int64_t row_bytes, const float* wscales, int64_
         }
         total += float(dot) * sn[b] * xs[b] * kUnit;
       }
-      dots[n * kMaxRows + r] = total;
+      dots[n * MR + r] = total;
     }
   }
 #endif
@@ -261,8 +276,9 @@ void tile_dots(const uint8_t* w, int64_t row_bytes, const float* wscales, int64_
 using TileKernel = void (*)(const uint8_t*, int64_t, const float*, int64_t, int64_t,
                             const QuantRows&, int64_t, int64_t, float*);
 template <Format F>
-constexpr TileKernel kTileKernels[kMaxRows + 1] = {nullptr, tile_dots<F, 1>, tile_dots<F, 2>,
-                                                   tile_dots<F, 3>, tile_dots<F, 4>};
+constexpr TileKernel kTileKernels[kMaxRows + 1] = {
+    nullptr,         tile_dots<F, 1>, tile_dots<F, 2>, tile_dots<F, 3>, tile_dots<F, 4>,
+    tile_dots<F, 5>, tile_dots<F, 6>, tile_dots<F, 7>, tile_dots<F, 8>};
 
 void convert_scales(const at::Half* src, int64_t nb, float* dst) {
   const uint16_t* h = reinterpret_cast<const uint16_t*>(src);
@@ -299,8 +315,8 @@ void run_rows(const uint8_t* qweight, const at::Half* scales, const float* bias,
   const int64_t n_tables = width * (swiglu ? 2 : 1);
   thread_local std::vector<float> sc, dots, dots2, ups;
   sc.resize(n_tables * nbp);
-  dots.resize(width * kMaxRows);
-  dots2.resize(width * kMaxRows);
+  dots.resize(width * kMaxRows + 4);
+  dots2.resize(width * kMaxRows + 4);
   ups.resize(width);
   for (int64_t t = 0; t < n_tables; ++t) {
     const int64_t n = n_begin + t % width + (t >= width ? partner : 0);
@@ -319,12 +335,12 @@ void run_rows(const uint8_t* qweight, const at::Half* scales, const float* bias,
     for (int r = 0; r < rows; ++r) {
       float* o = out + (r0 + r) * out_stride + n_begin;
       for (int64_t i = 0; i < width; ++i) {
-        o[i] = dots[i * kMaxRows + r] + (bias ? bias[n_begin + i] : 0.0f);
+        o[i] = dots[i * rows + r] + (bias ? bias[n_begin + i] : 0.0f);
       }
       if (!swiglu) continue;
       // Gates are in `o`; the activation runs eight columns at a time.
       for (int64_t i = 0; i < width; ++i) {
-        ups[i] = dots2[i * kMaxRows + r] + (bias ? bias[n_begin + partner + i] : 0.0f);
+        ups[i] = dots2[i * rows + r] + (bias ? bias[n_begin + partner + i] : 0.0f);
       }
       nf4::silu_mul_n(o, ups.data(), o, width);
     }
