@@ -395,9 +395,12 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   // With more activation rows than one tile, at least 16 weight rows per chunk: each is
   // read from L1 again for every further tile of activation rows.
   const int64_t per_row = kp * m * (swiglu ? 2 : 1);
-  const int64_t rows = std::clamp<int64_t>(
+  // Whole multiples of eight where they are that large: the SwiGLU epilogue then runs
+  // without a partial vector.
+  int64_t rows = std::clamp<int64_t>(
       std::min<int64_t>((int64_t(1) << 16) / per_row, (n_out + 7) / 8),
       m > kMaxRows ? 16 : 4, 512);
+  if (rows > 8) rows = (rows + 7) / 8 * 8;
   const Epilogue ep = swiglu ? Epilogue::kSwiGLU : Epilogue::kNone;
   pool().run((n_out + rows - 1) / rows, [&](int64_t chunk) {
     const int64_t begin = chunk * rows;

@@ -67,12 +67,11 @@ inline void silu_mul_n(const float* g, const float* u, float* out, int64_t n) {
   for (; i + 8 <= n; i += 8) {
     _mm256_storeu_ps(out + i, silu_mul8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
   }
-  if (i < n) {
-    alignas(32) float gt[8] = {}, ut[8] = {};
-    std::copy(g + i, g + n, gt);
-    std::copy(u + i, u + n, ut);
-    _mm256_store_ps(gt, silu_mul8(_mm256_load_ps(gt), _mm256_load_ps(ut)));
-    std::copy(gt, gt + (n - i), out + i);
+  if (i < n) {  // masked loads give zeros past n, masked stores leave them alone
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n - i)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    _mm256_maskstore_ps(out + i, mask, silu_mul8(_mm256_maskload_ps(g + i, mask),
+                                                 _mm256_maskload_ps(u + i, mask)));
   }
 #else
   for (; i < n; ++i) out[i] = silu_mul(g[i], u[i]);
