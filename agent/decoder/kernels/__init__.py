@@ -20,7 +20,8 @@ Outputs have x's dtype; every backend accumulates in float32.
 Optional extras a backend may offer (quantize.py and the benchmark look for them):
     rms_norm_kernel() -> callable (x, weight, eps) -> y, or None   a one-call RMSNorm
     token_attention_kernel() -> callable, or None   new tokens' attention in one call
-        (qkv, k_cache, v_cache, layer, slots, positions, cos, sin, n_head, n_kv_head) -> y
+        (qkv, k_cache, v_cache, layer, slots, positions, cos, sin, n_head, n_kv_head) -> y;
+        it reads and writes float16 caches, so a model given it keeps its KV cache in float16
     block_kernel(norm1, wqkv, wo, norm2, w13, w2, eps) -> callable, or None
         new tokens through a whole block of NF4 linears in one call
         (x, k_cache, v_cache, layer, slots, positions, cos, sin, n_head, n_kv_head) -> x
