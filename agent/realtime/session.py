@@ -87,8 +87,9 @@ class Session:
         self.response: ResponseRun | None = None
         self._response_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._transcribing: set[asyncio.Future] = set()  # committed turns not yet in words
-        self._warming: set[asyncio.Future] = set()  # prefills of the prompt's fixed part
+        # What a response must wait for: transcriptions of committed turns, and prefills of
+        # instructions and tool descriptions (see ready_to_respond).
+        self._before_responses: set[asyncio.Future] = set()
         self._user_item: str | None = None      # the item the speech in progress becomes
         self._barged = False                    # this turn has interrupted the response
         self._turn_times: dict[str, float] = {}
@@ -295,9 +296,8 @@ class Session:
         await self.send(server_event("conversation.item.added", previous_item_id=previous,
                                      item=item))
         self.state = "listening"
-        task = self._spawn(self._transcribe(item, audio, turn, speech_end, manual))
-        self._transcribing.add(task)
-        task.add_done_callback(self._transcribing.discard)
+        self._spawn(self._transcribe(item, audio, turn, speech_end, manual),
+                    before_responses=True)
 
     async def ready_to_respond(self) -> None:
         """Wait until every committed user turn has its transcript, and until the prefills
@@ -306,8 +306,7 @@ class Session:
         followed at once by response.create). A prefill it raced would be done twice: the
         response would prefill the same thousands of tokens itself, and the late prefill
         would hold the decoder's slot for nothing."""
-        pending = [t for t in (*self._transcribing, *self._warming)
-                   if t is not asyncio.current_task()]
+        pending = [t for t in self._before_responses if t is not asyncio.current_task()]
         if pending:
             await asyncio.wait(pending)  # cancelling the response leaves them running
 
@@ -571,9 +570,7 @@ class Session:
         descriptions are most of it) into the session's KV cache, so the reply after the
         turn prefills only the new words."""
         if self.response is None:
-            task = self._spawn(prefill_conversation(self))
-            self._warming.add(task)
-            task.add_done_callback(self._warming.discard)
+            self._spawn(prefill_conversation(self), before_responses=True)
 
     def _turn_latency(self, run: ResponseRun) -> tuple[dict[str, int | None], int | None]:
         """The stages of the turn `run` answered (ms), and voice to voice when it was a
@@ -586,10 +583,14 @@ class Session:
         stages["speech_end_to_response"] = _ms(run.started_at, started)
         return stages, _ms(run.first_audio_at, started)
 
-    def _spawn(self, work: Awaitable[Any]) -> asyncio.Future:
+    def _spawn(self, work: Awaitable[Any], before_responses: bool = False) -> asyncio.Future:
+        """Run `work` as the session's task; `before_responses`: responses wait for it."""
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._reap)
+        if before_responses:
+            self._before_responses.add(task)
+            task.add_done_callback(self._before_responses.discard)
         return task
 
     def _reap(self, task: asyncio.Task) -> None:
