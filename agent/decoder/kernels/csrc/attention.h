@@ -23,11 +23,8 @@
 
 namespace nf4 {
 
-// A cache element as float, and back: float32 caches as they are, float16 ones through
-// F16C eight at a time.
-inline float to_float(float x) { return x; }
-inline float to_float(c10::Half x) { return static_cast<float>(x); }
-
+// A row of float values into a float32 or float16 cache (to_float and load8, in
+// vec_math.h, read them back).
 inline void store_row(const float* x, int64_t n, float* out) { std::copy_n(x, n, out); }
 inline void store_row(const float* x, int64_t n, c10::Half* out) {
   int64_t i = 0;
@@ -39,13 +36,6 @@ inline void store_row(const float* x, int64_t n, c10::Half* out) {
 #endif
   for (; i < n; ++i) out[i] = c10::Half(x[i]);
 }
-
-#if NF4_VEC_MATH
-inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
-inline __m256 load8(const c10::Half* x) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
-}
-#endif
 
 // y[:D/2] = x1 cos - x2 sin, y[D/2:] = x2 cos + x1 sin  (x = [x1, x2]).
 inline void rope_rotate(const float* x, const float* cos, const float* sin, int64_t d,

@@ -172,14 +172,6 @@ void quantise_rows(const float* x, int64_t m, int64_t k, int64_t kp, bool sums,
   });
 }
 
-inline float half_to_float(uint16_t h) {
-#if NF4_SIMD
-  return _cvtsh_ss(h);
-#else
-  return c10::detail::fp16_ieee_to_fp32_value(h);
-#endif
-}
-
 constexpr int kMaxBlocks = 256;  // K up to 16384
 
 enum class Format { kNF4, kQ8 };
@@ -328,15 +320,11 @@ constexpr TileKernel kTileKernels[kMaxRows + 1] = {
     tile_dots<F, 5>, tile_dots<F, 6>, tile_dots<F, 7>, tile_dots<F, 8>};
 
 void convert_scales(const at::Half* src, int64_t nb, float* dst) {
-  const uint16_t* h = reinterpret_cast<const uint16_t*>(src);
   int64_t b = 0;
-#if NF4_SIMD
-  for (; b + 8 <= nb; b += 8) {
-    _mm256_storeu_ps(dst + b,
-                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + b))));
-  }
+#if NF4_VEC_MATH
+  for (; b + 8 <= nb; b += 8) _mm256_storeu_ps(dst + b, nf4::load8(src + b));
 #endif
-  for (; b < nb; ++b) dst[b] = half_to_float(h[b]);
+  for (; b < nb; ++b) dst[b] = nf4::to_float(src[b]);
 }
 
 // Epilogue applied to the raw dot products of output column n (and its partner row for

@@ -1,4 +1,5 @@
-// Eight-wide float helpers for AVX2 (exp, silu, horizontal sum) with scalar twins.
+// Eight-wide float helpers for AVX2 (exp, silu, horizontal sum, float16 loads) with scalar
+// twins.
 //
 // exp8: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (the
 // truncation error r^7 / 7! is below 1.3e-7 of the result), 2^n built in the exponent
@@ -12,6 +13,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include <c10/util/Half.h>
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define NF4_VEC_MATH 1
@@ -21,7 +24,16 @@
 
 namespace nf4 {
 
+// float32 or float16 values as float: float16 through F16C, eight at a time.
+inline float to_float(float x) { return x; }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
 #if NF4_VEC_MATH
+inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load8(const c10::Half* x) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+
 inline __m256 exp8(__m256 x) {
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
@@ -97,37 +109,6 @@ inline float exp_shifted_sum(float* x, int64_t n, float shift) {
     total += x[i];
   }
   return total;
-}
-
-// Dot product of two float vectors of length n.
-inline float dot(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float total = 0.0f;
-#if NF4_VEC_MATH
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  for (; i + 8 <= n; i += 8) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  }
-  total = hsum8(_mm256_add_ps(acc0, acc1));
-#endif
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
-}
-
-// y[i] += w * x[i] for n values.
-inline void axpy(float w, const float* x, float* y, int64_t n) {
-  int64_t i = 0;
-#if NF4_VEC_MATH
-  const __m256 wv = _mm256_set1_ps(w);
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  }
-#endif
-  for (; i < n; ++i) y[i] += w * x[i];
 }
 
 }  // namespace nf4
