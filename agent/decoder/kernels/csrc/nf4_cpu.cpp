@@ -12,7 +12,7 @@
 //   4. the block result is scaled by weight scale * activation scale in one FMA, and the
 //      excess (63 * activation sums, scaled the same way) is taken out once per output.
 // The correction depends on the activations alone, so weights need no per-block extra
-// data and no per-call set-up beyond their float16 scales.
+// data and no per-call set-up: their float16 scales are read in place.
 // A decoded weight block is reused for up to MR activation rows while it sits in
 // registers, so batched decode reads every weight byte once per step.
 //
@@ -179,16 +179,18 @@ enum class Format { kNF4, kQ8 };
 // Bytes per 64-weight block of a weight row.
 constexpr int64_t block_bytes(Format f) { return f == Format::kNF4 ? 32 : 64; }
 
-// Dot products of weight rows [0, n_rows) (row_bytes apart, float scales `nbp` apart in
-// `wscales`, zero past nb) with MR activation rows starting at r0: dots[n * MR + r]. Sums
-// are stored four at a time, so `dots` needs four floats of room past its last row.
+// Dot products of weight rows [0, n_rows) (row_bytes apart, float16 scales nb apart in
+// `wscales`) with MR activation rows starting at r0: dots[n * MR + r]. Sums are stored
+// four at a time, so `dots` needs four floats of room past its last row.
 // One call covers a chunk's rows so the constants, the activation rows (in L1) and the
-// loop set-up are paid once per chunk, not once per weight row: at K = 576 (nine blocks)
-// the per-row set-up cost about a third of the time.
+// loop set-up are paid once per chunk, not once per weight row. What is left per weight
+// row (each activation row's scale table, started with its correction) is worth keeping
+// lean: at K = 576 a row is only nine blocks.
 template <Format F, int MR>
-void tile_dots(const uint8_t* w, int64_t row_bytes, const float* wscales, int64_t nbp,
-               int64_t n_rows, const QuantRows& xq, int64_t r0, int64_t kp, float* dots) {
+void tile_dots(const uint8_t* w, int64_t row_bytes, const at::Half* wscales, int64_t n_rows,
+               const QuantRows& xq, int64_t r0, int64_t kp, float* dots) {
   const int64_t nb = kp / kBlock;
+  const int64_t nbp = padded_blocks(nb);
   // The activation scales carry the NF4 table's 1/63; 8-bit weights need it undone.
   constexpr float kUnit = F == Format::kNF4 ? 1.0f : 63.0f;
   // Per-block factor weight scale * activation scale, one table per activation row.
@@ -201,21 +203,54 @@ void tile_dots(const uint8_t* w, int64_t row_bytes, const float* wscales, int64_
   const int8_t* xrow = xq.q.data() + r0 * kp;
   constexpr int64_t kBytes = block_bytes(F);
   const __m256 unit = _mm256_set1_ps(kUnit);
+  const int64_t whole = nb / 8 * 8;  // blocks whose scales load eight at a time
   for (int64_t n = 0; n < n_rows; ++n) {
     const uint8_t* wn = w + n * row_bytes;
-    const float* sn = wscales + n * nbp;
-    // Eight blocks at a time over the padding (zero on both sides), so the table costs a
-    // few instructions per row rather than a loop with a scalar tail.
-    for (int r = 0; r < MR; ++r) {
-      const float* xs = xq.scale.data() + (r0 + r) * nbp;
-      for (int64_t b = 0; b < nbp; b += 8) {
-        _mm256_store_ps(&d[r][b], _mm256_mul_ps(
-            _mm256_mul_ps(_mm256_loadu_ps(sn + b), _mm256_loadu_ps(xs + b)), unit));
-      }
+    const at::Half* sn = wscales + n * nb;
+    _mm_prefetch(reinterpret_cast<const char*>(sn + 8 * nb), _MM_HINT_T0);
+    // The row's last nb % 8 scales, zero-padded, assembled in a register (a vector load
+    // of values just stored one by one would stall on store forwarding). The float16
+    // scales are read in place; the activation scales are zero past nb anyway.
+    __m128i tail = _mm_setzero_si128();
+    switch (nb - whole) {
+      case 7: tail = _mm_insert_epi16(tail, sn[whole + 6].x, 6); [[fallthrough]];
+      case 6: tail = _mm_insert_epi16(tail, sn[whole + 5].x, 5); [[fallthrough]];
+      case 5: tail = _mm_insert_epi16(tail, sn[whole + 4].x, 4); [[fallthrough]];
+      case 4: tail = _mm_insert_epi16(tail, sn[whole + 3].x, 3); [[fallthrough]];
+      case 3: tail = _mm_insert_epi16(tail, sn[whole + 2].x, 2); [[fallthrough]];
+      case 2: tail = _mm_insert_epi16(tail, sn[whole + 1].x, 1); [[fallthrough]];
+      case 1: tail = _mm_insert_epi16(tail, sn[whole].x, 0); break;
+      default: break;
     }
+    const __m256 tail_scales = _mm256_cvtph_ps(tail);
+    // Activation row r's table, and where its accumulator starts: NF4's moved codes make
+    // each block's sum too large by 63 * the activation block's sum, so it starts at minus
+    // sum_b d[r][b] * that excess (8-bit weights need no correction).
+    auto table = [&](int r) __attribute__((always_inline)) {
+      const float* xs = xq.scale.data() + (r0 + r) * nbp;
+      __m256 start = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nbp; b += 8) {
+        const __m256 ws = b < whole ? nf4::load8(sn + b) : tail_scales;
+        const __m256 dv = _mm256_mul_ps(_mm256_mul_ps(ws, _mm256_loadu_ps(xs + b)), unit);
+        _mm256_store_ps(&d[r][b], dv);
+        if constexpr (F == Format::kNF4) {
+          const float* excess = xq.excess.data() + (r0 + r) * nbp;
+          start = _mm256_fnmadd_ps(dv, _mm256_loadu_ps(excess + b), start);
+        }
+      }
+      return start;
+    };
     // Named accumulators (not an array) so the compiler keeps them in registers.
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-    __m256 acc4 = acc0, acc5 = acc0, acc6 = acc0, acc7 = acc0;
+    // Rows past MR stay zero: four_sums reads them.
+    __m256 acc0 = table(0), acc1 = _mm256_setzero_ps(), acc2 = acc1, acc3 = acc1;
+    __m256 acc4 = acc1, acc5 = acc1, acc6 = acc1, acc7 = acc1;
+    if constexpr (MR > 1) acc1 = table(1);
+    if constexpr (MR > 2) acc2 = table(2);
+    if constexpr (MR > 3) acc3 = table(3);
+    if constexpr (MR > 4) acc4 = table(4);
+    if constexpr (MR > 5) acc5 = table(5);
+    if constexpr (MR > 6) acc6 = table(6);
+    if constexpr (MR > 7) acc7 = table(7);
     // lo, hi: the block's weights 0-31 and 32-63 as PMADDUBSW's unsigned operand.
     auto step = [&](__m256 acc, int r, int64_t b, __m256i lo, __m256i hi)
         __attribute__((always_inline)) {
@@ -256,23 +291,6 @@ void tile_dots(const uint8_t* w, int64_t row_bytes, const float* wscales, int64_
       if constexpr (MR > 6) acc6 = step(acc6, 6, b, lo, hi);
       if constexpr (MR > 7) acc7 = step(acc7, 7, b, lo, hi);
     }
-    if constexpr (F == Format::kNF4) {  // minus sum_b d[r][b] * 63 * activation sum[b]
-      auto offset = [&](__m256 acc, int r) __attribute__((always_inline)) {
-        const float* excess = xq.excess.data() + (r0 + r) * nbp;
-        for (int64_t b = 0; b < nbp; b += 8) {
-          acc = _mm256_fnmadd_ps(_mm256_load_ps(&d[r][b]), _mm256_loadu_ps(excess + b), acc);
-        }
-        return acc;
-      };
-      acc0 = offset(acc0, 0);
-      if constexpr (MR > 1) acc1 = offset(acc1, 1);
-      if constexpr (MR > 2) acc2 = offset(acc2, 2);
-      if constexpr (MR > 3) acc3 = offset(acc3, 3);
-      if constexpr (MR > 4) acc4 = offset(acc4, 4);
-      if constexpr (MR > 5) acc5 = offset(acc5, 5);
-      if constexpr (MR > 6) acc6 = offset(acc6, 6);
-      if constexpr (MR > 7) acc7 = offset(acc7, 7);
-    }
     // Four horizontal sums at once: lane i of the result is row i's total.
     auto four_sums = [](__m256 a, __m256 b, __m256 c, __m256 e, float* out)
         __attribute__((always_inline)) {
@@ -286,7 +304,7 @@ void tile_dots(const uint8_t* w, int64_t row_bytes, const float* wscales, int64_
 #else
   for (int64_t n = 0; n < n_rows; ++n) {
     const uint8_t* wn = w + n * row_bytes;
-    const float* sn = wscales + n * nbp;
+    const at::Half* sn = wscales + n * nb;
     for (int r = 0; r < MR; ++r) {
       const int8_t* xr = xq.q.data() + (r0 + r) * kp;
       const float* xs = xq.scale.data() + (r0 + r) * nbp;
@@ -304,7 +322,7 @@ void tile_dots(const uint8_t* w, int64_t row_bytes, const float* wscales, int64_
           const int8_t* wb = reinterpret_cast<const int8_t*>(wn) + b * kBlock;
           for (int j = 0; j < kBlock; ++j) dot += int32_t(wb[j]) * xr[b * kBlock + j];
         }
-        total += float(dot) * sn[b] * xs[b] * kUnit;
+        total += float(dot) * nf4::to_float(sn[b]) * xs[b] * kUnit;
       }
       dots[n * MR + r] = total;
     }
@@ -312,20 +330,12 @@ void tile_dots(const uint8_t* w, int64_t row_bytes, const float* wscales, int64_
 #endif
 }
 
-using TileKernel = void (*)(const uint8_t*, int64_t, const float*, int64_t, int64_t,
+using TileKernel = void (*)(const uint8_t*, int64_t, const at::Half*, int64_t,
                             const QuantRows&, int64_t, int64_t, float*);
 template <Format F>
 constexpr TileKernel kTileKernels[kMaxRows + 1] = {
     nullptr,         tile_dots<F, 1>, tile_dots<F, 2>, tile_dots<F, 3>, tile_dots<F, 4>,
     tile_dots<F, 5>, tile_dots<F, 6>, tile_dots<F, 7>, tile_dots<F, 8>};
-
-void convert_scales(const at::Half* src, int64_t nb, float* dst) {
-  int64_t b = 0;
-#if NF4_VEC_MATH
-  for (; b + 8 <= nb; b += 8) _mm256_storeu_ps(dst + b, nf4::load8(src + b));
-#endif
-  for (; b < nb; ++b) dst[b] = nf4::to_float(src[b]);
-}
 
 // Epilogue applied to the raw dot products of output column n (and its partner row for
 // fused gate/up pairs).
@@ -341,31 +351,22 @@ void run_rows(const uint8_t* qweight, const at::Half* scales, const float* bias,
               const QuantRows& xq, int64_t m, int64_t kp, int64_t n_begin, int64_t n_end,
               int64_t out_stride, int64_t partner, Epilogue epilogue, float* out) {
   const int64_t nb = kp / kBlock;
-  const int64_t nbp = padded_blocks(nb);
   const int64_t row_bytes = nb * block_bytes(F);
   const int64_t width = n_end - n_begin;
   const bool swiglu = epilogue == Epilogue::kSwiGLU;
-  // Float scales of the chunk's rows, then of their SwiGLU partners, `nbp` apart; and the
-  // raw dot products.
-  const int64_t n_tables = width * (swiglu ? 2 : 1);
-  thread_local std::vector<float> sc, dots, dots2, ups;
-  sc.resize(n_tables * nbp);
+  // The raw dot products of the chunk's rows (and of their SwiGLU partners).
+  thread_local std::vector<float> dots, dots2, ups;
   dots.resize(width * kMaxRows + 4);
   dots2.resize(width * kMaxRows + 4);
   ups.resize(width);
-  for (int64_t t = 0; t < n_tables; ++t) {
-    const int64_t n = n_begin + t % width + (t >= width ? partner : 0);
-    convert_scales(scales + n * nb, nb, sc.data() + t * nbp);
-    std::fill(sc.data() + t * nbp + nb, sc.data() + (t + 1) * nbp, 0.0f);
-  }
   for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
     const int rows = int(std::min<int64_t>(kMaxRows, m - r0));
     const TileKernel kernel = kTileKernels<F>[rows];
-    kernel(qweight + n_begin * row_bytes, row_bytes, sc.data(), nbp, width, xq, r0, kp,
-           dots.data());
+    kernel(qweight + n_begin * row_bytes, row_bytes, scales + n_begin * nb, width, xq, r0,
+           kp, dots.data());
     if (swiglu) {
-      kernel(qweight + (n_begin + partner) * row_bytes, row_bytes, sc.data() + width * nbp,
-             nbp, width, xq, r0, kp, dots2.data());
+      kernel(qweight + (n_begin + partner) * row_bytes, row_bytes,
+             scales + (n_begin + partner) * nb, width, xq, r0, kp, dots2.data());
     }
     for (int r = 0; r < rows; ++r) {
       float* o = out + (r0 + r) * out_stride + n_begin;
