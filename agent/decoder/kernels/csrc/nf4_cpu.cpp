@@ -425,17 +425,20 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   const uint8_t* qw = static_cast<const uint8_t*>(qweight.data_ptr());
   const at::Half* sc = scales.data_ptr<at::Half>();
   float* o = out.data_ptr<float>();
-  // Chunks of about 2^16 multiply-adds and at least eight per call: small enough that
-  // the threads finish together and a late helper costs little, large enough that
-  // claiming one (an atomic on a shared cache line) is noise.
-  // With more activation rows than one tile, at least 16 weight rows per chunk: each is
-  // read from L1 again for every further tile of activation rows.
+  // Decode (one tile of activation rows): chunks of about 2^16 multiply-adds and at least
+  // eight per call, small enough that the threads finish together and a late helper
+  // costs little.
+  // Prefill (more rows than one tile): each tile of activation rows is read into L1 once
+  // per chunk and then meets every weight row of it, so chunks hold about 16 KiB of
+  // weights (from L2 a block of weights costs 32 bytes per tile, its activations 512),
+  // and still at least eight per call.
   const int64_t per_row = kp * m * (swiglu ? 2 : 1);
-  // Whole multiples of eight: the SwiGLU epilogue then runs without a partial vector.
-  int64_t rows = std::clamp<int64_t>(
-      std::min<int64_t>((int64_t(1) << 16) / per_row, (n_out + 7) / 8),
-      m > kMaxRows ? 16 : 8, 512);
-  rows = (rows + 7) / 8 * 8;
+  const int64_t weight_bytes = kp / kBlock * block_bytes(F) * (swiglu ? 2 : 1);
+  int64_t rows = m > kMaxRows
+      ? std::clamp<int64_t>(std::min<int64_t>(16384 / weight_bytes, n_out / 8), 16, 512)
+      : std::clamp<int64_t>(std::min<int64_t>((int64_t(1) << 16) / per_row,
+                                              (n_out + 7) / 8), 8, 512);
+  rows = (rows + 7) / 8 * 8;  // the SwiGLU epilogue then runs without a partial vector
   const Epilogue ep = swiglu ? Epilogue::kSwiGLU : Epilogue::kNone;
   pool().run((n_out + rows - 1) / rows, [&](int64_t chunk) {
     const int64_t begin = chunk * rows;
