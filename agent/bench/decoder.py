@@ -102,6 +102,7 @@ class ParleyContender:
 
     def round(self) -> None:
         from agent.decoder.generate import decode_one, prefill
+        from agent.decoder.sampling import greedy_tokens
 
         # NF4: the kernels' own pool does the work, torch's ops run on one thread (see
         # _use_kernel_threads); fp32: torch's matmuls want every thread.
@@ -128,7 +129,7 @@ class ParleyContender:
                 for i in range(self.n_decode):
                     logits = decode_one(model, cache, tokens, slots,
                                         [len(chat) + 1 + i] * batch)
-                    tokens = logits.argmax(dim=-1).tolist()
+                    tokens = greedy_tokens(logits)  # as the scheduler takes them
                 rate = batch * self.n_decode / (time.perf_counter() - began)
                 self.samples.decode.setdefault(batch, []).append(rate)
 

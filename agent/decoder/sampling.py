@@ -69,7 +69,7 @@ class Sampler:
         if p.mask_fn is not None:
             logits = apply_mask(logits, p.mask_fn(generated))
         if p.greedy:
-            return int(logits.argmax())
+            return greedy_tokens(logits[None])[0]
         probs = torch.softmax(logits / p.temperature, dim=-1)
         if p.top_p < 1.0:
             probs = top_p_filter(probs, p.top_p)
@@ -96,11 +96,24 @@ def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
+def greedy_tokens(logits: Tensor) -> list[int]:
+    """Each row's argmax for logits [B, vocab]: the first index of the largest value (a NaN
+    counts as largest), as torch.argmax defines it.
+
+    Through NumPy for CPU float32 logits: torch's argmax on the one thread the decode step
+    leaves it took ~0.9 ms for 8 x 49152 logits here, NumPy's ~0.05 ms; at batch 8 that
+    was 3-4% of a decode step.
+    """
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return logits.detach().numpy().argmax(axis=-1).tolist()
+    return logits.argmax(dim=-1).tolist()
+
+
 def sample_batch(logits: Tensor, samplers: Sequence[Sampler],
                  generated: Sequence[Sequence[int]]) -> list[int]:
     """Next tokens for rows of logits [B, vocab]; plain greedy rows share one argmax."""
     if all(s.plain_greedy for s in samplers):
-        return logits.argmax(dim=-1).tolist()
+        return greedy_tokens(logits)
     return [s(row, g) for s, row, g in zip(samplers, logits, generated, strict=True)]
 
 

@@ -14,6 +14,7 @@ from agent.decoder.sampling import (
     SamplingParams,
     StopMatcher,
     apply_mask,
+    greedy_tokens,
     sample_batch,
     top_p_filter,
 )
@@ -30,6 +31,16 @@ def test_temperature_zero_is_argmax():
     batch = torch.stack([logits(1), logits(2)])
     assert sample_batch(batch, [Sampler(SamplingParams())] * 2, [[], []]) == \
         batch.argmax(-1).tolist()
+
+
+def test_greedy_tokens_take_the_first_of_tied_maxima_as_torch_does():
+    rows = torch.stack([logits(3), logits(4), torch.zeros(500)])
+    rows[0, [7, 30]] = 100.0  # a tie: the first index wins
+    rows[1, [2, 40]] = float("nan")  # a NaN counts as the largest, the first one wins
+    assert greedy_tokens(rows) == rows.argmax(-1).tolist() == [7, 2, 0]
+    assert greedy_tokens(rows.double()) == [7, 2, 0]  # the torch path for other dtypes
+    with torch.inference_mode():
+        assert greedy_tokens(rows * 1.0) == [7, 2, 0]
 
 
 def test_same_seed_same_tokens_different_seed_different_tokens():
