@@ -199,11 +199,35 @@ void attend(const float* xp, int64_t b_rows, int64_t width, C* kc, C* vc, int64_
   });
 }
 
-inline at::Tensor token_attention(const at::Tensor& qkv, at::Tensor& k_cache,
-                                   at::Tensor& v_cache, int64_t layer,
-                                   const at::Tensor& slots, const at::Tensor& positions,
-                                   const at::Tensor& cos, const at::Tensor& sin,
-                                   int64_t n_head, int64_t n_kv_head, ThreadPool& pool) {
+// The new tokens' slots, positions and RoPE tables as the kernel reads them.
+struct TokenRows {
+  at::Tensor slot_t, pos_t, cos_t, sin_t;  // int64, int64, float32, float32; contiguous
+  const int64_t* slot;
+  const int64_t* pos;
+  const float* cp;
+  const float* sp;
+  int64_t rows;
+
+  TokenRows(const at::Tensor& slots, const at::Tensor& positions, const at::Tensor& cos,
+            const at::Tensor& sin)
+      : slot_t(slots.to(at::kLong).contiguous()),
+        pos_t(positions.to(at::kLong).contiguous()),
+        cos_t(cos.to(at::kFloat).contiguous()),
+        sin_t(sin.to(at::kFloat).contiguous()) {
+    rows = slot_t.numel();
+    TORCH_CHECK(pos_t.numel() == rows, "one position per row");
+    TORCH_CHECK(cos_t.dim() == 2 && cos_t.sizes() == sin_t.sizes(), "rope tables");
+    slot = slot_t.data_ptr<int64_t>();
+    pos = pos_t.data_ptr<int64_t>();
+    cp = cos_t.data_ptr<float>();
+    sp = sin_t.data_ptr<float>();
+  }
+};
+
+// Attention of `tokens.rows` rows of q, k, v (xp, `width` floats apart) into op [R, H D].
+inline void attend_rows(const float* xp, int64_t b_rows, int64_t width, at::Tensor& k_cache,
+                        at::Tensor& v_cache, int64_t layer, const TokenRows& tokens,
+                        int64_t n_head, int64_t n_kv_head, ThreadPool& pool, float* op) {
   TORCH_CHECK(k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes(),
               "caches must be [layers, slots, kv heads, positions, head dim]");
   const auto dtype = k_cache.scalar_type();
@@ -213,35 +237,38 @@ inline at::Tensor token_attention(const at::Tensor& qkv, at::Tensor& k_cache,
   const int64_t n_slots = k_cache.size(1), max_t = k_cache.size(3), d = k_cache.size(4);
   TORCH_CHECK(k_cache.size(2) == n_kv_head && n_head % n_kv_head == 0, "head counts mismatch");
   TORCH_CHECK(layer >= 0 && layer < k_cache.size(0), "layer out of range");
-  const int64_t b_rows = slots.numel();
-  const at::Tensor x = qkv.reshape({b_rows, -1}).to(at::kFloat).contiguous();
-  TORCH_CHECK(x.size(1) == (n_head + 2 * n_kv_head) * d, "qkv width mismatch");
-  TORCH_CHECK(positions.numel() == b_rows, "one position per row");
-  const at::Tensor slot_t = slots.to(at::kLong).contiguous();
-  const at::Tensor pos_t = positions.to(at::kLong).contiguous();
-  const at::Tensor c = cos.to(at::kFloat).contiguous(), s = sin.to(at::kFloat).contiguous();
-  TORCH_CHECK(c.dim() == 2 && c.size(1) * 2 == d && c.sizes() == s.sizes(), "rope tables");
-  const int64_t* slot = slot_t.data_ptr<int64_t>();
-  const int64_t* pos = pos_t.data_ptr<int64_t>();
+  TORCH_CHECK(tokens.rows == b_rows, "one slot and position per row");
+  TORCH_CHECK(width == (n_head + 2 * n_kv_head) * d, "qkv width mismatch");
+  TORCH_CHECK(tokens.cos_t.size(1) * 2 == d, "rope tables do not match the head size");
   for (int64_t b = 0; b < b_rows; ++b) {
-    TORCH_CHECK(slot[b] >= 0 && slot[b] < n_slots, "slot out of range");
-    TORCH_CHECK(pos[b] >= 0 && pos[b] < std::min(max_t, c.size(0)), "position out of range");
+    TORCH_CHECK(tokens.slot[b] >= 0 && tokens.slot[b] < n_slots, "slot out of range");
+    TORCH_CHECK(tokens.pos[b] >= 0 && tokens.pos[b] < std::min(max_t, tokens.cos_t.size(0)),
+                "position out of range");
   }
   const int64_t head_stride = max_t * d;
   const int64_t layer_offset = layer * n_slots * n_kv_head * head_stride;
-  at::Tensor out = at::empty({b_rows, n_head * d}, x.options());
-  const float* xp = x.data_ptr<float>();
   if (dtype == at::kHalf) {
-    attend(xp, b_rows, x.size(1), k_cache.data_ptr<at::Half>() + layer_offset,
-           v_cache.data_ptr<at::Half>() + layer_offset, head_stride, slot, pos,
-           c.data_ptr<float>(), s.data_ptr<float>(), n_head, n_kv_head, d, pool,
-           out.data_ptr<float>());
+    attend(xp, b_rows, width, k_cache.data_ptr<at::Half>() + layer_offset,
+           v_cache.data_ptr<at::Half>() + layer_offset, head_stride, tokens.slot, tokens.pos,
+           tokens.cp, tokens.sp, n_head, n_kv_head, d, pool, op);
   } else {
-    attend(xp, b_rows, x.size(1), k_cache.data_ptr<float>() + layer_offset,
-           v_cache.data_ptr<float>() + layer_offset, head_stride, slot, pos,
-           c.data_ptr<float>(), s.data_ptr<float>(), n_head, n_kv_head, d, pool,
-           out.data_ptr<float>());
+    attend(xp, b_rows, width, k_cache.data_ptr<float>() + layer_offset,
+           v_cache.data_ptr<float>() + layer_offset, head_stride, tokens.slot, tokens.pos,
+           tokens.cp, tokens.sp, n_head, n_kv_head, d, pool, op);
   }
+}
+
+inline at::Tensor token_attention(const at::Tensor& qkv, at::Tensor& k_cache,
+                                   at::Tensor& v_cache, int64_t layer,
+                                   const at::Tensor& slots, const at::Tensor& positions,
+                                   const at::Tensor& cos, const at::Tensor& sin,
+                                   int64_t n_head, int64_t n_kv_head, ThreadPool& pool) {
+  const TokenRows tokens(slots, positions, cos, sin);
+  const at::Tensor x = qkv.reshape({tokens.rows, -1}).to(at::kFloat).contiguous();
+  TORCH_CHECK(k_cache.dim() == 5, "caches must be [layers, slots, kv heads, positions, head dim]");
+  at::Tensor out = at::empty({tokens.rows, n_head * k_cache.size(4)}, x.options());
+  attend_rows(x.data_ptr<float>(), tokens.rows, x.size(1), k_cache, v_cache, layer, tokens,
+              n_head, n_kv_head, pool, out.data_ptr<float>());
   return qkv.scalar_type() == at::kFloat ? out : out.to(qkv.scalar_type());
 }
 

@@ -342,14 +342,15 @@ constexpr TileKernel kTileKernels[kMaxRows + 1] = {
 enum class Epilogue { kNone, kSwiGLU };
 
 // Runs the weight rows [n_begin, n_end) against every activation row.
-// kNone:   out[m, n] = dot(x[m], W[n]) + bias[n]
+// kNone:   out[m, n] = dot(x[m], W[n]) + bias[n]  (+ residual[m, n] where given)
 // kSwiGLU: out[m, n] = silu(dot(x[m], W[n]) + b[n]) * (dot(x[m], W[n + F]) + b[n + F])
 // Activation rows go MR at a time over the whole chunk of weight rows, which then stays in
 // L1 for the next MR rows (prefill), instead of each weight row streaming every activation.
 template <Format F>
 void run_rows(const uint8_t* qweight, const at::Half* scales, const float* bias,
               const QuantRows& xq, int64_t m, int64_t kp, int64_t n_begin, int64_t n_end,
-              int64_t out_stride, int64_t partner, Epilogue epilogue, float* out) {
+              int64_t out_stride, int64_t partner, Epilogue epilogue, const float* residual,
+              float* out) {
   const int64_t nb = kp / kBlock;
   const int64_t row_bytes = nb * block_bytes(F);
   const int64_t width = n_end - n_begin;
@@ -373,6 +374,10 @@ void run_rows(const uint8_t* qweight, const at::Half* scales, const float* bias,
       for (int64_t i = 0; i < width; ++i) {
         o[i] = dots[i * rows + r] + (bias ? bias[n_begin + i] : 0.0f);
       }
+      if (residual != nullptr) {  // the same sum as adding the two tensors afterwards
+        const float* res = residual + (r0 + r) * out_stride + n_begin;
+        for (int64_t i = 0; i < width; ++i) o[i] = res[i] + o[i];
+      }
       if (!swiglu) continue;
       // Gates are in `o`; the activation runs eight columns at a time.
       for (int64_t i = 0; i < width; ++i) {
@@ -383,9 +388,16 @@ void run_rows(const uint8_t* qweight, const at::Half* scales, const float* bias,
   }
 }
 
+// A quantised weight as the kernels read it.
+struct Weight {
+  const uint8_t* codes;
+  const at::Half* scales;
+  const float* bias;  // nullptr for none
+  int64_t rows, kp;
+};
+
 template <Format F>
-at::Tensor forward(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                   const c10::optional<at::Tensor>& bias, int64_t out_features, bool swiglu) {
+Weight checked(const at::Tensor& qweight, const at::Tensor& scales, const float* bias) {
   if constexpr (F == Format::kNF4) {
     TORCH_CHECK(qweight.dtype() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
                 "qweight must be contiguous uint8 [N, Kp/2]");
@@ -395,36 +407,30 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   }
   TORCH_CHECK(scales.dtype() == at::kHalf && scales.is_contiguous(),
               "scales must be contiguous float16 [N, Kp/64]");
-  const int64_t n_rows = qweight.size(0);
+  const int64_t rows = qweight.size(0);
   const int64_t kp = qweight.size(1) * kBlock / block_bytes(F);
-  const int64_t k = x.size(-1);
-  TORCH_CHECK(k <= kp && kp - k < kBlock, "input features ", k, " do not match weight ", kp);
   TORCH_CHECK(kp / kBlock <= kMaxBlocks, "in_features above ", kMaxBlocks * kBlock);
-  TORCH_CHECK(scales.numel() == n_rows * (kp / kBlock), "scales do not match qweight");
-  const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
-  const int64_t m = x2.size(0);
-  const int64_t n_out = swiglu ? n_rows / 2 : n_rows;
-  TORCH_CHECK(n_out == out_features, "out_features mismatch");
-  const float* bias_ptr = nullptr;
-  at::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) {
-    bias_f = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(bias_f.numel() == n_rows, "bias must have one value per weight row");
-    bias_ptr = bias_f.data_ptr<float>();
-  }
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = n_out;
-  at::Tensor out = at::empty({m, n_out}, x2.options());
-  if (m == 0) return out.reshape(out_shape).to(x.scalar_type());
+  TORCH_CHECK(scales.numel() == rows * (kp / kBlock), "scales do not match qweight");
+  return {static_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr<at::Half>(), bias,
+          rows, kp};
+}
 
+// out[m, n] = x[m, :k] . W[n] + bias[n] (+ residual[m, n]) for float rows x and out; with
+// `swiglu` W is [gate; up] and out has half its rows as columns.
+template <Format F>
+void linear_rows(const Weight& w, const float* x, int64_t m, int64_t k, bool swiglu,
+                 const float* residual, float* out) {
+  TORCH_CHECK(k <= w.kp && w.kp - k < kBlock, "input features ", k, " do not match weight ",
+              w.kp);
+  TORCH_CHECK(!swiglu || w.rows % 2 == 0, "fused gate/up weight needs an even row count");
+  if (m == 0) return;
+  const int64_t kp = w.kp;
+  const int64_t n_out = swiglu ? w.rows / 2 : w.rows;
   // Reused per calling thread (no allocation once warm). The lambdas below must see this
   // thread's buffers, not their own thread_local copies, hence the plain reference.
   thread_local QuantRows buffers;
   QuantRows& xq = buffers;
-  quantise_rows(x2.data_ptr<float>(), m, k, kp, F == Format::kNF4, xq);
-  const uint8_t* qw = static_cast<const uint8_t*>(qweight.data_ptr());
-  const at::Half* sc = scales.data_ptr<at::Half>();
-  float* o = out.data_ptr<float>();
+  quantise_rows(x, m, k, kp, F == Format::kNF4, xq);
   // Decode (one tile of activation rows): chunks of about 2^16 multiply-adds and at least
   // eight per call, small enough that the threads finish together and a late helper
   // costs little.
@@ -442,9 +448,29 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   const Epilogue ep = swiglu ? Epilogue::kSwiGLU : Epilogue::kNone;
   pool().run((n_out + rows - 1) / rows, [&](int64_t chunk) {
     const int64_t begin = chunk * rows;
-    run_rows<F>(qw, sc, bias_ptr, xq, m, kp, begin, std::min(n_out, begin + rows), n_out,
-                n_out, ep, o);
+    run_rows<F>(w.codes, w.scales, w.bias, xq, m, kp, begin, std::min(n_out, begin + rows),
+                n_out, n_out, ep, residual, out);
   });
+}
+
+template <Format F>
+at::Tensor forward(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                   const c10::optional<at::Tensor>& bias, bool swiglu) {
+  at::Tensor bias_f;
+  if (bias.has_value() && bias->defined()) {
+    bias_f = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias_f.numel() == qweight.size(0), "bias must have one value per weight row");
+  }
+  const Weight w = checked<F>(qweight, scales,
+                              bias_f.defined() ? bias_f.data_ptr<float>() : nullptr);
+  const int64_t k = x.size(-1);
+  const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
+  const int64_t n_out = swiglu ? w.rows / 2 : w.rows;
+  at::Tensor out = at::empty({x2.size(0), n_out}, x2.options());
+  linear_rows<F>(w, x2.data_ptr<float>(), x2.size(0), k, swiglu, nullptr,
+                 out.data_ptr<float>());
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n_out;
   out = out.reshape(out_shape);
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
@@ -452,31 +478,21 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
 // Arguments put the weight first so Python can bind them once (functools.partial).
 at::Tensor nf4_linear(const at::Tensor& qweight, const at::Tensor& scales,
                       const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
-  return forward<Format::kNF4>(x, qweight, scales, bias, qweight.size(0), false);
+  return forward<Format::kNF4>(x, qweight, scales, bias, false);
 }
 
 at::Tensor q8_linear(const at::Tensor& qweight, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
-  return forward<Format::kQ8>(x, qweight, scales, bias, qweight.size(0), false);
+  return forward<Format::kQ8>(x, qweight, scales, bias, false);
 }
 
 at::Tensor nf4_swiglu(const at::Tensor& qweight, const at::Tensor& scales,
                       const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
-  TORCH_CHECK(qweight.size(0) % 2 == 0, "fused gate/up weight needs an even row count");
-  return forward<Format::kNF4>(x, qweight, scales, bias, qweight.size(0) / 2, true);
+  return forward<Format::kNF4>(x, qweight, scales, bias, true);
 }
 
-// y = x / rms(x) * weight over the last dimension (float32 math, output in x's dtype).
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  const int64_t d = x.size(-1);
-  TORCH_CHECK(weight.numel() == d, "norm weight has ", weight.numel(), " values for ", d);
-  const at::Tensor x2 = x.reshape({-1, d}).to(at::kFloat).contiguous();
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty_like(x2);
-  const int64_t m = x2.size(0);
-  const float* xp = x2.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+// op[r] = xp[r] / rms(xp[r]) * wp for m rows of d floats (sums of squares in double).
+void norm_rows(const float* xp, int64_t m, int64_t d, const float* wp, double eps, float* op) {
   constexpr int64_t kRowsPerChunk = 32;
   pool().run((m + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t chunk) {
     const int64_t end = std::min(m, (chunk + 1) * kRowsPerChunk);
@@ -488,6 +504,17 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
       for (int64_t i = 0; i < d; ++i) op[r * d + i] = xr[i] * inv * wp[i];
     }
   });
+}
+
+// y = x / rms(x) * weight over the last dimension (float32 math, output in x's dtype).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t d = x.size(-1);
+  TORCH_CHECK(weight.numel() == d, "norm weight has ", weight.numel(), " values for ", d);
+  const at::Tensor x2 = x.reshape({-1, d}).to(at::kFloat).contiguous();
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty_like(x2);
+  norm_rows(x2.data_ptr<float>(), x2.size(0), d, w.data_ptr<float>(), eps,
+            out.data_ptr<float>());
   out = out.reshape(x.sizes());
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
@@ -504,10 +531,11 @@ at::Tensor token_attention(const at::Tensor& qkv, at::Tensor& k_cache, at::Tenso
 // through a whole transformer block:
 //   h = x + wo(attention(norm1(x)));  out = h + w2(swiglu(w13(norm2(h))))
 // with the same kernels the PyTorch modules call one by one (model.TransformerBlock with
-// NF4 linears), so the result is the same to the bit; one Python call per layer instead
-// of about ten saves ~2 ms of a ~13 ms SmolLM2 decode step here. `w` holds norm1, wqkv
-// (qweight, scales), wo (the same two), norm2, w13 (two), w2 (two); weights come first
-// so Python can bind them once.
+// NF4 linears), so the result is the same to the bit. One Python call per layer instead
+// of about ten, and inside it raw buffers of this thread's instead of tensors: each
+// tensor op (an allocation, a dtype check, an add) cost a few microseconds, ~30 a layer.
+// `w` holds norm1, wqkv (qweight, scales), wo (the same two), norm2, w13 (two), w2 (two);
+// weights come first so Python can bind them once.
 at::Tensor block_forward(const std::vector<at::Tensor>& w,
                          const c10::optional<at::Tensor>& qkv_bias, double eps,
                          const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_cache,
@@ -515,19 +543,46 @@ at::Tensor block_forward(const std::vector<at::Tensor>& w,
                          const at::Tensor& cos, const at::Tensor& sin, int64_t n_head,
                          int64_t n_kv_head) {
   TORCH_CHECK(w.size() == 10, "block_forward takes 10 weight tensors, not ", w.size());
-  const c10::optional<at::Tensor> none;
-  auto linear = [&](const at::Tensor& in, int i, const c10::optional<at::Tensor>& bias) {
-    return forward<Format::kNF4>(in, w[i], w[i + 1], bias, w[i].size(0), false);
-  };
-  const at::Tensor rows = x.reshape({slots.numel(), -1}).to(at::kFloat);
-  const at::Tensor qkv = linear(rms_norm(rows, w[0], eps), 1, qkv_bias);
-  const at::Tensor attended = nf4::token_attention(qkv, k_cache, v_cache, layer, slots,
-                                                    positions, cos, sin, n_head, n_kv_head,
-                                                    pool());
-  const at::Tensor h = rows + linear(attended, 3, none);
-  const at::Tensor gated = forward<Format::kNF4>(rms_norm(h, w[5], eps), w[6], w[7], none,
-                                                 w[6].size(0) / 2, true);
-  const at::Tensor out = h + linear(gated, 8, none);
+  const int64_t m = slots.numel();
+  const at::Tensor rows = x.reshape({m, -1}).to(at::kFloat).contiguous();
+  const int64_t dim = rows.size(1);
+  for (int i : {0, 5}) {
+    TORCH_CHECK(w[i].scalar_type() == at::kFloat && w[i].is_contiguous() &&
+                    w[i].numel() == dim, "norm weights must be contiguous float32 [dim]");
+  }
+  at::Tensor bias_f;
+  if (qkv_bias.has_value() && qkv_bias->defined()) {
+    bias_f = qkv_bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias_f.numel() == w[1].size(0), "bias must have one value per weight row");
+  }
+  const Weight wqkv = checked<Format::kNF4>(
+      w[1], w[2], bias_f.defined() ? bias_f.data_ptr<float>() : nullptr);
+  const Weight wo = checked<Format::kNF4>(w[3], w[4], nullptr);
+  const Weight w13 = checked<Format::kNF4>(w[6], w[7], nullptr);
+  const Weight w2 = checked<Format::kNF4>(w[8], w[9], nullptr);
+  TORCH_CHECK(wo.rows == dim && w2.rows == dim, "output projections must give dim columns");
+  const nf4::TokenRows tokens(slots, positions, cos, sin);
+  const int64_t head_dim = k_cache.size(-1);
+  const int64_t hidden = w13.rows / 2;
+  // Intermediates in this thread's buffers (reused, no allocation once warm); only the
+  // block's output is a new tensor.
+  thread_local std::vector<float> normed, qkv, attended, h, gated;
+  normed.resize(m * dim);
+  qkv.resize(m * wqkv.rows);
+  attended.resize(m * n_head * head_dim);
+  h.resize(m * dim);
+  gated.resize(m * hidden);
+  at::Tensor out = at::empty({m, dim}, rows.options());
+  norm_rows(rows.data_ptr<float>(), m, dim, w[0].data_ptr<float>(), eps, normed.data());
+  linear_rows<Format::kNF4>(wqkv, normed.data(), m, dim, false, nullptr, qkv.data());
+  nf4::attend_rows(qkv.data(), m, wqkv.rows, k_cache, v_cache, layer, tokens, n_head,
+                   n_kv_head, pool(), attended.data());
+  linear_rows<Format::kNF4>(wo, attended.data(), m, n_head * head_dim, false,
+                            rows.data_ptr<float>(), h.data());
+  norm_rows(h.data(), m, dim, w[5].data_ptr<float>(), eps, normed.data());
+  linear_rows<Format::kNF4>(w13, normed.data(), m, dim, true, nullptr, gated.data());
+  linear_rows<Format::kNF4>(w2, gated.data(), m, hidden, false, h.data(),
+                            out.data_ptr<float>());
   return out.reshape(x.sizes()).to(x.scalar_type());
 }
 
