@@ -59,6 +59,27 @@ def test_matches_the_pytorch_ops_on_random_caches(kernel, n_head, n_kv, d):
     assert torch.equal(v, v_ref)  # the new values, as they came
 
 
+@pytest.mark.parametrize(("n_head", "n_kv"), [(9, 3), (14, 2)])
+def test_query_heads_sharing_a_kv_head_go_together_over_long_histories(kernel, n_head, n_kv):
+    """Eight streams past 512 positions: each KV head's query heads take its keys in runs
+    of 64 together (attention.h); the result is still the PyTorch ops' on any history
+    length, whole runs or not."""
+    torch.manual_seed(n_head + 1)
+    layers, n_slots, length, d = 2, 8, 800, 64
+    k = torch.randn(layers, n_slots, n_kv, length, d).half()
+    v = torch.randn(layers, n_slots, n_kv, length, d).half()
+    k_ref, v_ref = k.float(), v.float()
+    angles = torch.rand(length, d // 2) * 20
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.tensor([3, 0, 7, 1, 6, 2, 5, 4])
+    positions = torch.tensor([511, 512, 575, 576, 600, 640, 700, 799])
+    qkv = torch.randn(8, (n_head + 2 * n_kv) * d)
+    got = kernel(qkv, k, v, 0, slots, positions, cos, sin, n_head, n_kv)
+    want = reference(qkv, k_ref, v_ref, 0, slots, positions, cos, sin, n_head, n_kv)
+    # Looser than above: the kernel reads each new key and value back from float16.
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
 def test_a_float16_cache_is_read_and_written_like_a_float32_one(kernel):
     """The kernel backends keep keys and values in float16: attention over a float16 cache
     equals attention over the float32 values it holds, and new keys and values are written

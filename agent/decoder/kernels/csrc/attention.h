@@ -84,11 +84,13 @@ inline __m256 eight_scores(const float* q, const C* k, int64_t d) {
   return s;
 }
 
-// out[8R] = sum_t p[t] v[t][:8R], v rows `d` apart: R accumulators, one FMA each per key.
+// out[8R] (+)= sum_t p[t] v[t][:8R], v rows `d` apart: R accumulators, one FMA each per
+// key; with `more` they start from out (the sum continues over a further run of keys).
 template <int R, typename C>
-inline void weighted_columns(const float* p, const C* v, int64_t n, int64_t d, float* out) {
+inline void weighted_columns(const float* p, const C* v, int64_t n, int64_t d, float* out,
+                             bool more) {
   __m256 a[R];
-  for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
+  for (int r = 0; r < R; ++r) a[r] = more ? _mm256_loadu_ps(out + 8 * r) : _mm256_setzero_ps();
   for (int64_t t = 0; t < n; ++t) {
     const __m256 w = _mm256_broadcast_ss(p + t);
 #pragma GCC unroll 8
@@ -137,25 +139,28 @@ inline float key_scores(const float* q, const C* k, int64_t n, int64_t d, float*
 }
 
 // out[D] = sum_t p[t] v[t] for t < n, v rows `d` apart; accumulators stay in registers.
+// With `more`, the sum continues from out: split over runs of keys it adds the same terms
+// in the same order as one call over all of them.
 template <typename C>
-inline void weighted_rows(const float* p, const C* v, int64_t n, int64_t d, float* out) {
+inline void weighted_rows(const float* p, const C* v, int64_t n, int64_t d, float* out,
+                          bool more = false) {
   int64_t d0 = 0;
 #if NF4_VEC_MATH
-  for (; d0 + 64 <= d; d0 += 64) weighted_columns<8>(p, v + d0, n, d, out + d0);
+  for (; d0 + 64 <= d; d0 += 64) weighted_columns<8>(p, v + d0, n, d, out + d0, more);
   switch ((d - d0) / 8) {
-    case 7: weighted_columns<7>(p, v + d0, n, d, out + d0); break;
-    case 6: weighted_columns<6>(p, v + d0, n, d, out + d0); break;
-    case 5: weighted_columns<5>(p, v + d0, n, d, out + d0); break;
-    case 4: weighted_columns<4>(p, v + d0, n, d, out + d0); break;
-    case 3: weighted_columns<3>(p, v + d0, n, d, out + d0); break;
-    case 2: weighted_columns<2>(p, v + d0, n, d, out + d0); break;
-    case 1: weighted_columns<1>(p, v + d0, n, d, out + d0); break;
+    case 7: weighted_columns<7>(p, v + d0, n, d, out + d0, more); break;
+    case 6: weighted_columns<6>(p, v + d0, n, d, out + d0, more); break;
+    case 5: weighted_columns<5>(p, v + d0, n, d, out + d0, more); break;
+    case 4: weighted_columns<4>(p, v + d0, n, d, out + d0, more); break;
+    case 3: weighted_columns<3>(p, v + d0, n, d, out + d0, more); break;
+    case 2: weighted_columns<2>(p, v + d0, n, d, out + d0, more); break;
+    case 1: weighted_columns<1>(p, v + d0, n, d, out + d0, more); break;
     default: break;
   }
   d0 += (d - d0) / 8 * 8;
 #endif
   if (d0 < d) {
-    std::fill(out + d0, out + d, 0.0f);
+    if (!more) std::fill(out + d0, out + d, 0.0f);
     for (int64_t t = 0; t < n; ++t) {
       for (int64_t i = d0; i < d; ++i) out[i] += p[t] * to_float(v[t * d + i]);
     }
@@ -182,20 +187,53 @@ void attend(const float* xp, int64_t b_rows, int64_t width, C* kc, C* vc, int64_
   }
   const int64_t group = n_head / n_kv_head;
   const float scale = 1.0f / std::sqrt(float(d));
-  pool.run(b_rows * n_head, [&](int64_t task) {
-    const int64_t b = task / n_head, h = task % n_head;
+  // A task is one row and a run of query heads sharing a KV head. With long histories
+  // (the keys and values of a row's KV heads outgrow L2 past ~500 positions) the whole
+  // group goes together: its heads take each run of 64 keys in turn, read from memory
+  // once and from L1 for the others (8 streams at 2,000 positions, 30 layers: 1.19x).
+  // Only where there are tasks enough to share: one row alone keeps a task per head, or
+  // three KV heads would leave one of two threads idle half the time. Short histories
+  // stay in cache anyway and keep a task per head too (the runs cost ~4% there).
+  int64_t longest = 0;
+  for (int64_t b = 0; b < b_rows; ++b) longest = std::max(longest, pos[b] + 1);
+  const bool grouped = longest >= 512 && b_rows * n_kv_head >= 4 * pool.size();
+  const int64_t heads = grouped ? group : 1;
+  const int64_t tasks_per_row = n_head / heads;
+  pool.run(b_rows * tasks_per_row, [&](int64_t task) {
+    const int64_t b = task / tasks_per_row, h0 = task % tasks_per_row * heads;
     const int64_t n = pos[b] + 1;  // keys 0..pos
-    const int64_t base = (slot[b] * n_kv_head + h / group) * head_stride;
-    thread_local std::vector<float> q, scores;
-    q.resize(d);
-    scores.resize(n);
-    rope_rotate(xp + b * width + h * d, cp + pos[b] * half, sp + pos[b] * half, d, scale,
-                q.data());
-    const float top = key_scores(q.data(), kc + base, n, d, scores.data());
-    const float inv = 1.0f / exp_shifted_sum(scores.data(), n, top);
-    float* y = op + b * n_head * d + h * d;
-    weighted_rows(scores.data(), vc + base, n, d, y);
-    for (int64_t i = 0; i < d; ++i) y[i] *= inv;
+    const int64_t base = (slot[b] * n_kv_head + h0 / group) * head_stride;
+    const int64_t run = heads > 1 ? 64 : n;  // one head: all keys in one go
+    thread_local std::vector<float> q, scores, top, inv;
+    q.resize(heads * d);
+    scores.resize(heads * n);
+    top.assign(heads, -INFINITY);
+    inv.resize(heads);
+    for (int64_t j = 0; j < heads; ++j) {
+      rope_rotate(xp + b * width + (h0 + j) * d, cp + pos[b] * half, sp + pos[b] * half, d,
+                  scale, q.data() + j * d);
+    }
+    for (int64_t t0 = 0; t0 < n; t0 += run) {  // runs of whole eight-key groups
+      const int64_t len = std::min(run, n - t0);
+      for (int64_t j = 0; j < heads; ++j) {
+        top[j] = std::max(top[j], key_scores(q.data() + j * d, kc + base + t0 * d, len, d,
+                                             scores.data() + j * n + t0));
+      }
+    }
+    float* y = op + b * n_head * d + h0 * d;
+    for (int64_t j = 0; j < heads; ++j) {
+      inv[j] = 1.0f / exp_shifted_sum(scores.data() + j * n, n, top[j]);
+    }
+    for (int64_t t0 = 0; t0 < n; t0 += run) {
+      const int64_t len = std::min(run, n - t0);
+      for (int64_t j = 0; j < heads; ++j) {
+        weighted_rows(scores.data() + j * n + t0, vc + base + t0 * d, len, d, y + j * d,
+                      t0 > 0);
+      }
+    }
+    for (int64_t j = 0; j < heads; ++j) {
+      for (int64_t i = 0; i < d; ++i) y[j * d + i] *= inv[j];
+    }
   });
 }
 
