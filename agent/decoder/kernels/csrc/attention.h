@@ -263,9 +263,10 @@ struct TokenRows {
 };
 
 // Attention of `tokens.rows` rows of q, k, v (xp, `width` floats apart) into op [R, H D].
-inline void attend_rows(const float* xp, int64_t b_rows, int64_t width, at::Tensor& k_cache,
+inline void attend_rows(const float* xp, int64_t width, at::Tensor& k_cache,
                         at::Tensor& v_cache, int64_t layer, const TokenRows& tokens,
                         int64_t n_head, int64_t n_kv_head, ThreadPool& pool, float* op) {
+  const int64_t b_rows = tokens.rows;
   TORCH_CHECK(k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes(),
               "caches must be [layers, slots, kv heads, positions, head dim]");
   const auto dtype = k_cache.scalar_type();
@@ -275,7 +276,6 @@ inline void attend_rows(const float* xp, int64_t b_rows, int64_t width, at::Tens
   const int64_t n_slots = k_cache.size(1), max_t = k_cache.size(3), d = k_cache.size(4);
   TORCH_CHECK(k_cache.size(2) == n_kv_head && n_head % n_kv_head == 0, "head counts mismatch");
   TORCH_CHECK(layer >= 0 && layer < k_cache.size(0), "layer out of range");
-  TORCH_CHECK(tokens.rows == b_rows, "one slot and position per row");
   TORCH_CHECK(width == (n_head + 2 * n_kv_head) * d, "qkv width mismatch");
   TORCH_CHECK(tokens.cos_t.size(1) * 2 == d, "rope tables do not match the head size");
   for (int64_t b = 0; b < b_rows; ++b) {
@@ -303,9 +303,10 @@ inline at::Tensor token_attention(const at::Tensor& qkv, at::Tensor& k_cache,
                                    int64_t n_head, int64_t n_kv_head, ThreadPool& pool) {
   const TokenRows tokens(slots, positions, cos, sin);
   const at::Tensor x = qkv.reshape({tokens.rows, -1}).to(at::kFloat).contiguous();
-  TORCH_CHECK(k_cache.dim() == 5, "caches must be [layers, slots, kv heads, positions, head dim]");
+  TORCH_CHECK(k_cache.dim() == 5,  // attend_rows checks the rest; the head size is read here
+              "caches must be [layers, slots, kv heads, positions, head dim]");
   at::Tensor out = at::empty({tokens.rows, n_head * k_cache.size(4)}, x.options());
-  attend_rows(x.data_ptr<float>(), tokens.rows, x.size(1), k_cache, v_cache, layer, tokens,
+  attend_rows(x.data_ptr<float>(), x.size(1), k_cache, v_cache, layer, tokens,
               n_head, n_kv_head, pool, out.data_ptr<float>());
   return qkv.scalar_type() == at::kFloat ? out : out.to(qkv.scalar_type());
 }

@@ -575,7 +575,7 @@ at::Tensor block_forward(const std::vector<at::Tensor>& w,
   at::Tensor out = at::empty({m, dim}, rows.options());
   norm_rows(rows.data_ptr<float>(), m, dim, w[0].data_ptr<float>(), eps, normed.data());
   linear_rows<Format::kNF4>(wqkv, normed.data(), m, dim, false, nullptr, qkv.data());
-  nf4::attend_rows(qkv.data(), m, wqkv.rows, k_cache, v_cache, layer, tokens, n_head,
+  nf4::attend_rows(qkv.data(), wqkv.rows, k_cache, v_cache, layer, tokens, n_head,
                    n_kv_head, pool(), attended.data());
   linear_rows<Format::kNF4>(wo, attended.data(), m, n_head * head_dim, false,
                             rows.data_ptr<float>(), h.data());
