@@ -396,8 +396,16 @@ struct Weight {
   int64_t rows, kp;
 };
 
+// A bias as float32, one value per weight row; undefined for none.
+at::Tensor float_bias(const c10::optional<at::Tensor>& bias, int64_t rows) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  at::Tensor b = bias->to(at::kFloat).contiguous();
+  TORCH_CHECK(b.numel() == rows, "bias must have one value per weight row");
+  return b;
+}
+
 template <Format F>
-Weight checked(const at::Tensor& qweight, const at::Tensor& scales, const float* bias) {
+Weight checked(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& bias) {
   if constexpr (F == Format::kNF4) {
     TORCH_CHECK(qweight.dtype() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
                 "qweight must be contiguous uint8 [N, Kp/2]");
@@ -411,8 +419,8 @@ Weight checked(const at::Tensor& qweight, const at::Tensor& scales, const float*
   const int64_t kp = qweight.size(1) * kBlock / block_bytes(F);
   TORCH_CHECK(kp / kBlock <= kMaxBlocks, "in_features above ", kMaxBlocks * kBlock);
   TORCH_CHECK(scales.numel() == rows * (kp / kBlock), "scales do not match qweight");
-  return {static_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr<at::Half>(), bias,
-          rows, kp};
+  return {static_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr<at::Half>(),
+          bias.defined() ? bias.data_ptr<float>() : nullptr, rows, kp};
 }
 
 // out[m, n] = x[m, :k] . W[n] + bias[n] (+ residual[m, n]) for float rows x and out; with
@@ -456,13 +464,8 @@ void linear_rows(const Weight& w, const float* x, int64_t m, int64_t k, bool swi
 template <Format F>
 at::Tensor forward(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                    const c10::optional<at::Tensor>& bias, bool swiglu) {
-  at::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) {
-    bias_f = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(bias_f.numel() == qweight.size(0), "bias must have one value per weight row");
-  }
-  const Weight w = checked<F>(qweight, scales,
-                              bias_f.defined() ? bias_f.data_ptr<float>() : nullptr);
+  const at::Tensor bias_f = float_bias(bias, qweight.size(0));
+  const Weight w = checked<F>(qweight, scales, bias_f);
   const int64_t k = x.size(-1);
   const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
   const int64_t n_out = swiglu ? w.rows / 2 : w.rows;
@@ -550,16 +553,12 @@ at::Tensor block_forward(const std::vector<at::Tensor>& w,
     TORCH_CHECK(w[i].scalar_type() == at::kFloat && w[i].is_contiguous() &&
                     w[i].numel() == dim, "norm weights must be contiguous float32 [dim]");
   }
-  at::Tensor bias_f;
-  if (qkv_bias.has_value() && qkv_bias->defined()) {
-    bias_f = qkv_bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(bias_f.numel() == w[1].size(0), "bias must have one value per weight row");
-  }
-  const Weight wqkv = checked<Format::kNF4>(
-      w[1], w[2], bias_f.defined() ? bias_f.data_ptr<float>() : nullptr);
-  const Weight wo = checked<Format::kNF4>(w[3], w[4], nullptr);
-  const Weight w13 = checked<Format::kNF4>(w[6], w[7], nullptr);
-  const Weight w2 = checked<Format::kNF4>(w[8], w[9], nullptr);
+  const at::Tensor bias_f = float_bias(qkv_bias, w[1].size(0));
+  const at::Tensor none;
+  const Weight wqkv = checked<Format::kNF4>(w[1], w[2], bias_f);
+  const Weight wo = checked<Format::kNF4>(w[3], w[4], none);
+  const Weight w13 = checked<Format::kNF4>(w[6], w[7], none);
+  const Weight w2 = checked<Format::kNF4>(w[8], w[9], none);
   TORCH_CHECK(wo.rows == dim && w2.rows == dim, "output projections must give dim columns");
   const nf4::TokenRows tokens(slots, positions, cos, sin);
   const int64_t head_dim = k_cache.size(-1);
