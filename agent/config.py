@@ -46,6 +46,9 @@ class Settings:
     # Models
     llm_model: str = "smollm2"          # smollm2 | qwen2.5-coder-0.5b | a path to a .gguf
     llm_backend: str = "auto"           # auto (= cpu) | cpu | reference | fp32
+    # auto: the file's own quantised weights (native) for a quantised GGUF, nf4 for a
+    # 16-bit one | native | nf4 | q8
+    llm_weights: str = "auto"
     llm_streams: int = 8                # concurrent decode streams (KV-cache slots)
     llm_threads: int = 0                # NF4 CPU kernel threads; 0: torch's count (the cores)
     max_output_tokens: int = 512        # default cap on a reply when a request names none

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ class Engine:
     tokenizer: Tokenizer
     backend: str  # "fp32" or the kernel backend actually in use
     load_seconds: float
+    weights: str = "fp32"  # what the linears run in, e.g. "native (Q4_1, Q8_0)", "nf4"
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -126,7 +127,7 @@ def resolve_model_path(model: str | Path, settings: Settings) -> tuple[str, Path
 
 
 def _quantise(model: Transformer, backend: str, settings: Settings, gguf: Path,
-              progress: bool) -> str:
+              progress: bool, weights: str, tensor_types: dict[str, str]) -> str:
     from agent.decoder.kernels import auto_backend_name, get_backend
     from agent.decoder.quantize import nf4_cache_path, quantize_model
 
@@ -141,7 +142,8 @@ def _quantise(model: Transformer, backend: str, settings: Settings, gguf: Path,
         log.info("%s kernels on %d threads, torch on %d", name, threads,
                  torch.get_num_threads())
     quantize_model(model, kernel, nf4_cache_path(Path(settings.cache_dir), gguf),
-                   progress=progress)
+                   progress=progress, weights=weights, gguf_path=gguf,
+                   tensor_types=tensor_types)
     return name
 
 
@@ -168,17 +170,30 @@ def load_engine(model: str | Path | None = None, *, settings: Settings | None = 
     meta, infos = read_header(path)
     args = ModelArgs.from_gguf(meta, {i.name for i in infos})
     tokenizer = Tokenizer.from_metadata(meta)
-    skip = is_linear_tensor if backend != "fp32" and _nf4_cached(settings, path) else None
+    types = {i.name: i.qtype.name for i in infos}
+    fmt = "fp32"
+    skip: Callable[[str], bool] | None = None
+    if backend != "fp32":
+        from agent.decoder.quantize import native_skippable, resolve_weights
+
+        fmt = resolve_weights(settings.llm_weights, types)
+        if fmt == "native":
+            skip = native_skippable(types)
+        elif fmt == "nf4" and _nf4_cached(settings, path):
+            skip = is_linear_tensor
     net = build_model(args, load_gguf(path, skip=skip).tensors)
     used = "fp32"
     if backend != "fp32":
         try:
-            used = _quantise(net, backend, settings, path, progress)
+            used = _quantise(net, backend, settings, path, progress, fmt, types)
         except ConfigError:
-            if skip is None:
+            if skip is None or fmt != "nf4":
                 raise
             # A stale or foreign NF4 cache: quantise afresh from the full weights.
             net = build_model(args, load_gguf(path).tensors)
-            used = _quantise(net, backend, settings, path, progress)
+            used = _quantise(net, backend, settings, path, progress, fmt, types)
+    from agent.decoder.quantize import weights_format
+
     return Engine(name=name, path=path, args=args, model=net, tokenizer=tokenizer,
-                  backend=used, load_seconds=time.perf_counter() - began)
+                  backend=used, weights=weights_format(net),
+                  load_seconds=time.perf_counter() - began)

@@ -216,3 +216,35 @@ def _fix_layout(info: TensorInfo, array: np.ndarray, permute: bool, n_head: int,
     if permute and info.name.endswith(("attn_k.weight", "attn_k.bias")):
         return unpermute_qk(weight, n_kv_head).contiguous()
     return weight
+
+
+def read_blocks(path: str | Path, names: list[str]) -> dict[str, tuple[GGMLQuantizationType,
+                                                                      np.ndarray]]:
+    """The named tensors' bytes as stored, uint8 [rows, bytes per row], with their type.
+
+    Rows are whole quant blocks along the input dimension, so llama.cpp's Q/K row
+    permutation is undone on them exactly as on float rows (see `_fix_layout`).
+    """
+    path = Path(path)
+    meta, infos, data = _parse(path)
+    arch = str(meta.get("general.architecture", ""))
+    by_name = {i.name: i for i in infos}
+    n_head = int(meta.get(f"{arch}.attention.head_count", 1))
+    n_kv_head = int(meta.get(f"{arch}.attention.head_count_kv", n_head))
+    out = {}
+    for name in names:
+        info = by_name.get(name)
+        if info is None:
+            raise ConfigError(f"the GGUF file lacks tensor {name!r}")
+        block, type_size = GGML_QUANT_SIZES[info.qtype]
+        n_bytes = int(np.prod(info.shape)) // block * type_size
+        raw = data[info.offset:info.offset + n_bytes]
+        if len(raw) != n_bytes:
+            raise ConfigError(f"tensor {info.name} runs past the end of the file")
+        rows = torch.from_numpy(np.array(raw).reshape(info.shape[0], -1))
+        if arch in PERMUTED_ARCHS and name.endswith("attn_q.weight"):
+            rows = unpermute_qk(rows, n_head)
+        elif arch in PERMUTED_ARCHS and name.endswith("attn_k.weight"):
+            rows = unpermute_qk(rows, n_kv_head)
+        out[name] = (info.qtype, rows.contiguous().numpy())
+    return out

@@ -1,8 +1,8 @@
 """Swap a built model's linears for NF4 ones, from outside the model (gpt-fast style).
 
 `quantize_model(model, backend)` replaces every `nn.Linear` (fused wqkv / w13 included,
-and the output head) with an `NF4Linear` that calls the chosen kernel backend. Modules
-holding a fused gate/up `w13` and a `w2` become `NF4FeedForward`, which asks the backend
+and the output head) with an `QuantLinear` that calls the chosen kernel backend. Modules
+holding a fused gate/up `w13` and a `w2` become `QuantFeedForward`, which asks the backend
 for silu(gate) * up in the same call as the matmul (one dispatch instead of four), and
 RMSNorm modules become `KernelRMSNorm` where the backend has a one-call norm (the CPU
 extension). The maths is the model's own in every case.
@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from agent.decoder import nf4, q8
+from agent.decoder import native, nf4, q8
 from agent.decoder.kernels import Backend, get_backend
+from agent.decoder.native import NativeWeight
 from agent.decoder.nf4 import NF4Weight
 from agent.decoder.q8 import Q8Weight
 from agent.errors import ConfigError
@@ -35,12 +36,56 @@ from agent.progress import step_bar
 
 HEAD = "output"  # the output head's module name in model.Transformer
 HEAD_FORMATS = ("q8", "nf4")
+WEIGHT_FORMATS = ("native", "nf4", "q8")
 
 
-class NF4Linear(nn.Module):
-    """y = x @ W.T (+ b) with W in NF4 (8-bit for the head); the backend's kernel does it."""
+def resolve_weights(choice: str, tensor_types: dict[str, str]) -> str:
+    """The weight format `choice` ("auto" or one of WEIGHT_FORMATS) means for a file.
 
-    def __init__(self, weight: NF4Weight | Q8Weight, backend: Backend):
+    "auto" is "native" when every linear tensor the file holds is of a block type the
+    kernels read as it is, "nf4" when they arrive in 16 or 32 bits. Decided from the
+    tensor types in the header, never from the file's name.
+    """
+    if choice in WEIGHT_FORMATS:
+        return choice
+    if choice != "auto":
+        raise ConfigError(f"unknown llm_weights {choice!r}; choose auto or one of "
+                          f"{', '.join(WEIGHT_FORMATS)}")
+    linear = [t for name, t in tensor_types.items() if _is_linear_weight(name)]
+    readable = {q.name for q in native.LAYOUT_OF}
+    return "native" if linear and all(t in readable for t in linear) else "nf4"
+
+
+def _is_linear_weight(name: str) -> bool:
+    from agent.decoder.model import is_linear_tensor
+
+    return is_linear_tensor(name) and name.endswith(".weight")
+
+
+def native_skippable(tensor_types: dict[str, str]) -> Callable[[str], bool]:
+    """Which float tensors a native load need not dequantise: linear weights it reads raw."""
+    readable = {q.name for q in native.LAYOUT_OF}
+    return lambda name: _is_linear_weight(name) and tensor_types.get(name) in readable
+
+
+def gguf_parts(name: str, tied: bool) -> list[str]:
+    """The GGUF tensors a model linear is made of, in row order (fused ones have several)."""
+    if name == HEAD:
+        return ["token_embd.weight" if tied else "output.weight"]
+    _, layer, _, leaf = name.split(".")
+    parts = {"wqkv": ["attn_q", "attn_k", "attn_v"], "wo": ["attn_output"],
+             "w13": ["ffn_gate", "ffn_up"], "w2": ["ffn_down"]}[leaf]
+    return [f"blk.{layer}.{p}.weight" for p in parts]
+
+
+AnyWeight = NF4Weight | Q8Weight | NativeWeight
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T (+ b) with W quantised (NF4, 8-bit, or the file's own blocks); the
+    backend's kernel does it."""
+
+    def __init__(self, weight: AnyWeight, backend: Backend):
         super().__init__()
         weight = backend.prepare(weight)
         self.out_features, self.in_features = weight.shape
@@ -49,7 +94,7 @@ class NF4Linear(nn.Module):
         self.register_buffer("qweight", weight.qweight)
         self.register_buffer("scales", weight.scales)
         self.register_buffer("bias", weight.bias)
-        self.weight_nf4 = weight
+        self.quant_weight = weight
         self._linear = backend.bind(weight)
         self._swiglu: Callable[[Tensor], Tensor] | None = None
 
@@ -59,7 +104,7 @@ class NF4Linear(nn.Module):
     def swiglu(self, x: Tensor) -> Tensor:
         """silu(x @ Wg.T) * (x @ Wu.T) for a fused [gate; up] weight: [..., N // 2]."""
         if self._swiglu is None:
-            self._swiglu = self.backend.bind(self.weight_nf4, swiglu=True)
+            self._swiglu = self.backend.bind(self.quant_weight, swiglu=True)
         return self._swiglu(x)
 
     def extra_repr(self) -> str:
@@ -67,10 +112,10 @@ class NF4Linear(nn.Module):
                 f"bias={self.bias is not None}, backend={self.backend.name}")
 
 
-class NF4FeedForward(nn.Module):
+class QuantFeedForward(nn.Module):
     """w2(silu(gate) * up) with w13 = [gate; up]: the SwiGLU runs inside the w13 kernel."""
 
-    def __init__(self, w13: NF4Linear, w2: NF4Linear):
+    def __init__(self, w13: QuantLinear, w2: QuantLinear):
         super().__init__()
         self.w13 = w13
         self.w2 = w2
@@ -153,11 +198,58 @@ def cached_weights(cache_path: Path | None, model: nn.Module, names: list[str],
     return loaded[0]
 
 
+def native_weights(model: nn.Module, names: list[str], gguf_path: Path,
+                   tensor_types: dict[str, str]) -> dict[str, NativeWeight]:
+    """The file's own blocks for every linear whose parts are all natively readable."""
+    from agent.decoder.gguf_loader import read_blocks
+
+    tied = bool(getattr(getattr(model, "args", None), "tied_embeddings", False))
+    readable = {q.name for q in native.LAYOUT_OF}
+    wanted = {n: gguf_parts(n, tied) for n in names}
+    wanted = {n: p for n, p in wanted.items() if all(tensor_types.get(t) in readable for t in p)}
+    blocks = read_blocks(gguf_path, sorted({t for p in wanted.values() for t in p}))
+    out = {}
+    for name, parts in wanted.items():
+        linear = model.get_submodule(name)
+        assert isinstance(linear, nn.Linear)
+        k = linear.in_features
+        pieces = []
+        for part in parts:
+            qtype, raw = blocks[part]
+            pieces.append(native.from_blocks(raw, qtype, (raw.shape[0], k)))
+        w = native.concat_rows(pieces)
+        if w.shape != tuple(linear.weight.shape):
+            raise ConfigError(f"{name}: GGUF parts give {w.shape}, the model wants "
+                              f"{tuple(linear.weight.shape)}")
+        if linear.bias is not None:
+            w.bias = linear.bias.detach().float().contiguous()
+        out[name] = w
+    return out
+
+
+def weights_format(model: nn.Module) -> str:
+    """What a model's linears run in: "native (Q4_1, Q8_0)", "nf4", "fp32", ..."""
+    kinds: dict[str, None] = {}
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            w = mod.quant_weight
+            kinds["native" if isinstance(w, NativeWeight) else
+                  "q8" if isinstance(w, Q8Weight) else "nf4"] = None
+        elif isinstance(mod, nn.Linear):
+            kinds["fp32"] = None
+    sources = sorted({t for mod in model.modules() if isinstance(mod, QuantLinear)
+                      and isinstance(mod.quant_weight, NativeWeight)
+                      for t in mod.quant_weight.source.split("+")})
+    label = "+".join(kinds) or "fp32"
+    return f"{label} ({', '.join(sources)})" if sources else label
+
+
 def quantize_model(model: nn.Module, backend: Backend | str = "auto",
                    cache_path: Path | None = None, progress: bool = True,
                    double_quant: bool = False, scale_search: bool = True,
-                   head: str = "q8") -> nn.Module:
-    """Replace every nn.Linear of `model` with an NF4Linear on `backend`, in place.
+                   head: str = "q8", weights: str = "nf4", gguf_path: Path | None = None,
+                   tensor_types: dict[str, str] | None = None) -> nn.Module:
+    """Replace every nn.Linear of `model` with an QuantLinear on `backend`, in place.
 
     The output head gets 8-bit weights unless `head="nf4"`.
 
@@ -170,20 +262,40 @@ def quantize_model(model: nn.Module, backend: Backend | str = "auto",
         backend = get_backend(backend)
     if head not in HEAD_FORMATS:
         raise ConfigError(f"unknown head format {head!r}; choose one of {HEAD_FORMATS}")
+    if weights not in WEIGHT_FORMATS:
+        raise ConfigError(f"unknown weight format {weights!r}; choose {WEIGHT_FORMATS}")
     names = linear_names(model)
-    options = {"double_quant": str(double_quant), "scale_search": str(scale_search),
-               "head": head}
-    weights = cached_weights(cache_path, model, names, options)
-    if weights is None:
-        weights = quantise_linears(model, names, double_quant, scale_search, progress, head)
-        if cache_path is not None:
-            nf4.save(Path(cache_path), weights, meta=options)
-    for name in names:
-        _set_submodule(model, name, NF4Linear(weights[name], backend))
+    chosen: dict[str, AnyWeight]
+    if weights == "native":
+        if gguf_path is None or tensor_types is None:
+            raise ConfigError("native weights need the GGUF file they come from")
+        # Linears stored in 16/32 bits keep their float values (nn.Linear).
+        chosen = dict(native_weights(model, names, Path(gguf_path), tensor_types))
+    elif weights == "q8":
+        chosen = {name: q8.quantise(_float_weight(model, name),
+                                    model.get_submodule(name).bias) for name in names}
+    else:
+        options = {"double_quant": str(double_quant), "scale_search": str(scale_search),
+                   "head": head}
+        cached = cached_weights(cache_path, model, names, options)
+        if cached is None:
+            cached = quantise_linears(model, names, double_quant, scale_search, progress, head)
+            if cache_path is not None:
+                nf4.save(Path(cache_path), cached, meta=options)
+        chosen = dict(cached)
+    for name, w in chosen.items():
+        _set_submodule(model, name, QuantLinear(w, backend))
     _fuse_feed_forwards(model)
     _swap_norms(model, backend)
     _fuse_kernel_paths(model, backend)
     return model
+
+
+def _float_weight(model: nn.Module, name: str) -> Tensor:
+    weight = model.get_submodule(name).weight
+    if weight.device.type == "meta":
+        raise ConfigError(f"{name} has no weights to quantise (meta)")
+    return weight.data
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -193,16 +305,16 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _fuse_feed_forwards(model: nn.Module) -> None:
-    """Swap modules with NF4 `w13` + `w2` children for NF4FeedForward (same maths)."""
+    """Swap modules with NF4 `w13` + `w2` children for QuantFeedForward (same maths)."""
     targets = [name for name, mod in model.named_modules()
-               if isinstance(getattr(mod, "w13", None), NF4Linear)
-               and isinstance(getattr(mod, "w2", None), NF4Linear)
-               and not isinstance(mod, NF4FeedForward)]
+               if isinstance(getattr(mod, "w13", None), QuantLinear)
+               and isinstance(getattr(mod, "w2", None), QuantLinear)
+               and not isinstance(mod, QuantFeedForward)]
     for name in targets:
         mod = model.get_submodule(name)
         if mod.w13.out_features != 2 * mod.w2.in_features:
             continue
-        _set_submodule(model, name, NF4FeedForward(mod.w13, mod.w2))
+        _set_submodule(model, name, QuantFeedForward(mod.w13, mod.w2))
 
 
 def _swap_norms(model: nn.Module, backend: Backend) -> None:
@@ -234,12 +346,12 @@ def _fuse_kernel_paths(model: nn.Module, backend: Backend) -> None:
     for block in model.layers:
         assert isinstance(block, TransformerBlock)
         ff, att = block.feed_forward, block.attention
-        if block_kernel is None or not isinstance(ff, NF4FeedForward) \
-                or not isinstance(att.wqkv, NF4Linear) or not isinstance(att.wo, NF4Linear):
+        if block_kernel is None or not isinstance(ff, QuantFeedForward) \
+                or not isinstance(att.wqkv, QuantLinear) or not isinstance(att.wo, QuantLinear):
             continue
         block.kernel_forward = block_kernel(
-            block.attention_norm.weight, att.wqkv.weight_nf4, att.wo.weight_nf4,
-            block.ffn_norm.weight, ff.w13.weight_nf4, ff.w2.weight_nf4, model.args.norm_eps)
+            block.attention_norm.weight, att.wqkv.quant_weight, att.wo.quant_weight,
+            block.ffn_norm.weight, ff.w13.quant_weight, ff.w2.quant_weight, model.args.norm_eps)
 
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:
@@ -249,7 +361,7 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     Tensors shared between modules (a tied embedding) are counted once; non-weight buffers
     (RoPE tables) are not counted.
     """
-    nf4_tensors = [t for mod in model.modules() if isinstance(mod, NF4Linear)
+    nf4_tensors = [t for mod in model.modules() if isinstance(mod, QuantLinear)
                    for t in mod.buffers(recurse=False)]
     return _count(nf4_tensors, list(model.parameters()))
 

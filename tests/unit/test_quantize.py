@@ -4,6 +4,7 @@ and the whole NF4 model on the fast CPU kernels against the same NF4 weights in 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -15,8 +16,8 @@ from agent.decoder.kernels import get_backend
 from agent.decoder.model import ModelArgs, RMSNorm, Transformer
 from agent.decoder.quantize import (
     KernelRMSNorm,
-    NF4FeedForward,
-    NF4Linear,
+    QuantFeedForward,
+    QuantLinear,
     quantize_model,
     weight_bytes,
 )
@@ -46,8 +47,8 @@ def test_every_linear_is_swapped(settings) -> None:
     model = quantize_model(tiny_model(), get_backend("cpu", settings.cache_dir),
                            progress=False)
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
-    assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 2 * 4 + 1
-    assert sum(isinstance(m, NF4FeedForward) for m in model.modules()) == 2
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 2 * 4 + 1
+    assert sum(isinstance(m, QuantFeedForward) for m in model.modules()) == 2
     assert model.layers[0].attention.wqkv.bias is not None  # qwen2-style q/k/v bias kept
     if get_backend("cpu", settings.cache_dir).native:
         assert not any(isinstance(m, RMSNorm) for m in model.modules())
@@ -153,8 +154,11 @@ def nf4_engines(settings):
     from agent.decoder.engine import load_engine
 
     gguf_path("smollm2")
-    fast = load_engine("smollm2", settings=settings, backend="cpu", progress=False)
-    reference = load_engine("smollm2", settings=settings, backend="reference", progress=False)
+    # NF4 by choice: a quantised GGUF runs its own blocks by default (test_native_weights).
+    nf4_settings = dataclasses.replace(settings, llm_weights="nf4")
+    fast = load_engine("smollm2", settings=nf4_settings, backend="cpu", progress=False)
+    reference = load_engine("smollm2", settings=nf4_settings, backend="reference",
+                            progress=False)
     return fast, reference
 
 
@@ -178,7 +182,7 @@ def test_quantised_memory(nf4_engines) -> None:
     fast, _ = nf4_engines
     counted = weight_bytes(fast.model)
     params = {name: m.out_features * m.in_features for name, m in fast.model.named_modules()
-              if isinstance(m, NF4Linear)}
+              if isinstance(m, QuantLinear)}
     head = params.pop("output")
     assert counted["nf4"] < 0.57 * sum(params.values()) + 1.04 * head
 

@@ -33,8 +33,19 @@ import torch
 from torch import Tensor
 
 from agent.decoder.kernels.reference import reference_linear, reference_swiglu
+from agent.decoder.native import NativeWeight
 from agent.decoder.nf4 import NF4Weight
 from agent.decoder.q8 import Q8Weight
+
+AnyWeight = NF4Weight | Q8Weight | NativeWeight
+# The extension's numbers for the layouts (csrc/nf4_cpu.cpp, enum Kind).
+LAYOUT_CODES = {"nf4": 0, "q8": 1, "u4": 2, "i8": 3, "i8x16": 4}
+
+
+def layout_code(w: AnyWeight) -> int:
+    if isinstance(w, NativeWeight):
+        return LAYOUT_CODES[w.layout]
+    return LAYOUT_CODES["q8" if isinstance(w, Q8Weight) else "nf4"]
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +179,9 @@ class CpuBackend:
     def simd(self) -> bool:
         return self._ext is not None and bool(self._ext.simd_enabled())
 
-    def prepare(self, w: NF4Weight | Q8Weight) -> NF4Weight | Q8Weight:
+    def prepare(self, w: AnyWeight) -> AnyWeight:
         """Float16 scales (double quantisation undone once), contiguous CPU tensors."""
-        if isinstance(w, Q8Weight):
+        if isinstance(w, Q8Weight | NativeWeight):
             return w.to("cpu")
         scales = w.block_scales(torch.float16) if w.double_quantised else w.scales
         return NF4Weight(
@@ -180,18 +191,21 @@ class CpuBackend:
             bias=None if w.bias is None else w.bias.to(torch.float32).cpu().contiguous(),
         )
 
-    def linear(self, x: Tensor, w: NF4Weight | Q8Weight) -> Tensor:
+    def linear(self, x: Tensor, w: AnyWeight) -> Tensor:
         return self.bind(w)(x)
 
     def swiglu(self, x: Tensor, w: NF4Weight) -> Tensor:
         return self.bind(w, swiglu=True)(x)
 
-    def bind(self, w: NF4Weight | Q8Weight, swiglu: bool = False) -> Callable[[Tensor], Tensor]:
+    def bind(self, w: AnyWeight, swiglu: bool = False) -> Callable[[Tensor], Tensor]:
         """One C++ call per use: the weight's tensors are bound here, not looked up per call."""
         if self._ext is None:
             fn = reference_swiglu if swiglu else reference_linear
             return partial(_swap_args, fn, w)
         w = self._ready(w)
+        if isinstance(w, NativeWeight):
+            return partial(self._ext.weight_linear, layout_code(w), swiglu, w.qweight,
+                           w.scales, w.offsets, w.bias)
         if isinstance(w, Q8Weight):
             return partial(self._ext.q8_linear, w.qweight, w.scales, w.bias)
         op = self._ext.swiglu if swiglu else self._ext.linear
@@ -220,15 +234,18 @@ class CpuBackend:
         if self._ext is None:
             return None
         wqkv, wo, w13, w2 = (self._ready(w) for w in (wqkv, wo, w13, w2))
+        none = torch.empty(0)
 
-        def nf4(w: NF4Weight) -> list[Tensor]:
-            return [w.qweight, w.scales]
+        def parts(w: NF4Weight | NativeWeight) -> list[Tensor]:
+            offsets = w.offsets if isinstance(w, NativeWeight) else None
+            return [w.qweight, w.scales, none if offsets is None else offsets]
 
         def norm(weight: Tensor) -> Tensor:
             return weight.detach().float().contiguous()
 
-        tensors = [norm(norm1), *nf4(wqkv), *nf4(wo), norm(norm2), *nf4(w13), *nf4(w2)]
-        return partial(self._ext.block_forward, tensors, wqkv.bias, eps)
+        tensors = [norm(norm1), *parts(wqkv), *parts(wo), norm(norm2), *parts(w13), *parts(w2)]
+        kinds = [layout_code(w) for w in (wqkv, wo, w13, w2)]
+        return partial(self._ext.block_forward, tensors, kinds, wqkv.bias, eps)
 
     def set_threads(self, n: int) -> int:
         """Fix the kernels' thread count (before their first use); returns the count in effect.
@@ -253,7 +270,9 @@ class CpuBackend:
         torch.set_num_threads(1)
         return threads
 
-    def _ready(self, w: NF4Weight | Q8Weight) -> NF4Weight | Q8Weight:
+    def _ready(self, w: AnyWeight) -> AnyWeight:
+        if isinstance(w, NativeWeight):
+            return w.to("cpu")
         ok = ((isinstance(w, Q8Weight) or not w.double_quantised)
               and w.scales.dtype == torch.float16
               and w.qweight.is_contiguous() and w.scales.is_contiguous())

@@ -11,17 +11,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from agent.decoder import nf4, q8
+from agent.decoder import native, nf4, q8
+from agent.decoder.native import NativeWeight
 from agent.decoder.nf4 import NF4Weight
 from agent.decoder.q8 import Q8Weight
 
 
-def dense(w: NF4Weight | Q8Weight) -> Tensor:
+def dense(w: NF4Weight | Q8Weight | NativeWeight) -> Tensor:
     """The float32 matrix a quantised weight stands for."""
+    if isinstance(w, NativeWeight):
+        return native.dequantise(w)
     return q8.dequantise(w) if isinstance(w, Q8Weight) else nf4.dequantise(w, torch.float32)
 
 
-def reference_linear(x: Tensor, w: NF4Weight | Q8Weight) -> Tensor:
+def reference_linear(x: Tensor, w: NF4Weight | Q8Weight | NativeWeight) -> Tensor:
     weight = dense(w).to(x.device)  # [N, K]
     y = x.to(torch.float32) @ weight.T  # [..., N]
     if w.bias is not None:

@@ -1,4 +1,6 @@
-// NF4 linear layers for x86 CPUs: fused dequantisation and int8 dot products.
+// Quantised linear layers for x86 CPUs: fused dequantisation and int8 dot products.
+// NF4 and the 8-bit head are below; the GGUF file's own block layouts (u4, i8) have their
+// tile kernels in native_tiles.h and share the threading, chunking and epilogues here.
 //
 // Weights stay in the NF4 format of agent/decoder/nf4.py (64-weight blocks, 32 bytes of
 // split-half nibbles, one float16 scale per block). Per call:
@@ -32,6 +34,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "native_tiles.h"
 #include "thread_pool.h"
 #include "vec_math.h"
 
@@ -82,13 +85,7 @@ struct Lut {
 };
 const Lut kLut;
 
-// Activations quantised per row and 64-block.
-struct QuantRows {
-  std::vector<int8_t> q;     // [M, Kp]  int8
-  std::vector<float> scale;   // [M, Bp]  absmax / 127 / 63 (the 1/63 undoes the weight
-                              //          table), zero past B
-  std::vector<float> excess;  // [M, Bp]  kCodeShift * block sum of q (NF4), zero past B
-};
+using nf4::QuantRows;  // activations quantised per row and block (native_tiles.h)
 
 constexpr int64_t padded_blocks(int64_t nb) { return (nb + 7) / 8 * 8; }
 
@@ -330,12 +327,77 @@ void tile_dots(const uint8_t* w, int64_t row_bytes, const at::Half* wscales, int
 #endif
 }
 
-using TileKernel = void (*)(const uint8_t*, int64_t, const at::Half*, int64_t,
-                            const QuantRows&, int64_t, int64_t, float*);
+// Every weight layout the kernels read; the numbers are the Python side's (kernels/cpu.py).
+enum class Kind : int64_t { kNF4 = 0, kQ8 = 1, kU4 = 2, kI8 = 3, kI8x16 = 4 };
+
+// A quantised weight as the kernels read it.
+struct Weight {
+  Kind kind;
+  const uint8_t* codes;
+  const void* scales;   // NF4/Q8: float16 [N, Kp/64]; native: [N, pad8(Kp/G)]
+  const void* offsets;  // native only, [N, pad8(Kp/32)]; nullptr for none
+  bool half;            // native scales and offsets are float16 (else float32)
+  const float* bias;    // nullptr for none
+  int64_t rows, kp;
+};
+
+bool is_native(Kind k) { return k == Kind::kU4 || k == Kind::kI8 || k == Kind::kI8x16; }
+
+// Bytes of codes per weight row.
+int64_t code_bytes(const Weight& w) {
+  return (w.kind == Kind::kNF4 || w.kind == Kind::kU4) ? w.kp / 2 : w.kp;
+}
+
+// Dot products of weight rows [n0, n0 + n) with MR activation rows from r0 (see tile_dots).
+using Tile = void (*)(const Weight&, int64_t, int64_t, const QuantRows&, int64_t, float*);
+
+template <Format F, int MR>
+void legacy_tile(const Weight& w, int64_t n0, int64_t n, const QuantRows& xq, int64_t r0,
+                 float* dots) {
+  const int64_t nb = w.kp / kBlock;
+  const int64_t row_bytes = nb * block_bytes(F);
+  tile_dots<F, MR>(w.codes + n0 * row_bytes, row_bytes,
+                   static_cast<const at::Half*>(w.scales) + n0 * nb, n, xq, r0, w.kp, dots);
+}
+
+template <nf4::Native F, typename S, int MR>
+void native_tile(const Weight& w, int64_t n0, int64_t n, const QuantRows& xq, int64_t r0,
+                 float* dots) {
+  const int64_t n32p = nf4::pad8(w.kp / 32);
+  const nf4::NativeView<S> view{
+      w.codes + n0 * nf4::native_row_bytes<F>(w.kp),
+      static_cast<const S*>(w.scales) + n0 * nf4::pad8(w.kp / nf4::group_size<F>()),
+      w.offsets ? static_cast<const S*>(w.offsets) + n0 * n32p : nullptr, w.kp};
+  nf4::native_dots<F, S, MR>(view, n, xq, r0, dots);
+}
+
 template <Format F>
-constexpr TileKernel kTileKernels[kMaxRows + 1] = {
-    nullptr,         tile_dots<F, 1>, tile_dots<F, 2>, tile_dots<F, 3>, tile_dots<F, 4>,
-    tile_dots<F, 5>, tile_dots<F, 6>, tile_dots<F, 7>, tile_dots<F, 8>};
+constexpr Tile kLegacyTiles[kMaxRows + 1] = {
+    nullptr,           legacy_tile<F, 1>, legacy_tile<F, 2>, legacy_tile<F, 3>,
+    legacy_tile<F, 4>, legacy_tile<F, 5>, legacy_tile<F, 6>, legacy_tile<F, 7>,
+    legacy_tile<F, 8>};
+
+template <nf4::Native F, typename S>
+constexpr Tile kNativeTiles[kMaxRows + 1] = {
+    nullptr,                 native_tile<F, S, 1>, native_tile<F, S, 2>,
+    native_tile<F, S, 3>,    native_tile<F, S, 4>, native_tile<F, S, 5>,
+    native_tile<F, S, 6>,    native_tile<F, S, 7>, native_tile<F, S, 8>};
+
+template <nf4::Native F>
+Tile native_tile_for(const Weight& w, int rows) {
+  return w.half ? kNativeTiles<F, at::Half>[rows] : kNativeTiles<F, float>[rows];
+}
+
+Tile tile_for(const Weight& w, int rows) {
+  switch (w.kind) {
+    case Kind::kNF4: return kLegacyTiles<Format::kNF4>[rows];
+    case Kind::kQ8: return kLegacyTiles<Format::kQ8>[rows];
+    case Kind::kU4: return native_tile_for<nf4::Native::kU4>(w, rows);
+    case Kind::kI8: return native_tile_for<nf4::Native::kI8>(w, rows);
+    case Kind::kI8x16: return native_tile_for<nf4::Native::kI8x16>(w, rows);
+  }
+  return nullptr;
+}
 
 // Epilogue applied to the raw dot products of output column n (and its partner row for
 // fused gate/up pairs).
@@ -346,13 +408,10 @@ enum class Epilogue { kNone, kSwiGLU };
 // kSwiGLU: out[m, n] = silu(dot(x[m], W[n]) + b[n]) * (dot(x[m], W[n + F]) + b[n + F])
 // Activation rows go MR at a time over the whole chunk of weight rows, which then stays in
 // L1 for the next MR rows (prefill), instead of each weight row streaming every activation.
-template <Format F>
-void run_rows(const uint8_t* qweight, const at::Half* scales, const float* bias,
-              const QuantRows& xq, int64_t m, int64_t kp, int64_t n_begin, int64_t n_end,
+void run_rows(const Weight& w, const QuantRows& xq, int64_t m, int64_t n_begin, int64_t n_end,
               int64_t out_stride, int64_t partner, Epilogue epilogue, const float* residual,
               float* out) {
-  const int64_t nb = kp / kBlock;
-  const int64_t row_bytes = nb * block_bytes(F);
+  const float* bias = w.bias;
   const int64_t width = n_end - n_begin;
   const bool swiglu = epilogue == Epilogue::kSwiGLU;
   // The raw dot products of the chunk's rows (and of their SwiGLU partners).
@@ -362,13 +421,9 @@ void run_rows(const uint8_t* qweight, const at::Half* scales, const float* bias,
   ups.resize(width);
   for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
     const int rows = int(std::min<int64_t>(kMaxRows, m - r0));
-    const TileKernel kernel = kTileKernels<F>[rows];
-    kernel(qweight + n_begin * row_bytes, row_bytes, scales + n_begin * nb, width, xq, r0,
-           kp, dots.data());
-    if (swiglu) {
-      kernel(qweight + (n_begin + partner) * row_bytes, row_bytes,
-             scales + (n_begin + partner) * nb, width, xq, r0, kp, dots2.data());
-    }
+    const Tile kernel = tile_for(w, rows);
+    kernel(w, n_begin, width, xq, r0, dots.data());
+    if (swiglu) kernel(w, n_begin + partner, width, xq, r0, dots2.data());
     for (int r = 0; r < rows; ++r) {
       float* o = out + (r0 + r) * out_stride + n_begin;
       for (int64_t i = 0; i < width; ++i) {
@@ -388,14 +443,6 @@ void run_rows(const uint8_t* qweight, const at::Half* scales, const float* bias,
   }
 }
 
-// A quantised weight as the kernels read it.
-struct Weight {
-  const uint8_t* codes;
-  const at::Half* scales;
-  const float* bias;  // nullptr for none
-  int64_t rows, kp;
-};
-
 // A bias as float32, one value per weight row; undefined for none.
 at::Tensor float_bias(const c10::optional<at::Tensor>& bias, int64_t rows) {
   if (!bias.has_value() || !bias->defined()) return at::Tensor();
@@ -404,28 +451,68 @@ at::Tensor float_bias(const c10::optional<at::Tensor>& bias, int64_t rows) {
   return b;
 }
 
-template <Format F>
-Weight checked(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& bias) {
-  if constexpr (F == Format::kNF4) {
-    TORCH_CHECK(qweight.dtype() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
-                "qweight must be contiguous uint8 [N, Kp/2]");
-  } else {
-    TORCH_CHECK(qweight.dtype() == at::kChar && qweight.dim() == 2 && qweight.is_contiguous(),
-                "qweight must be contiguous int8 [N, Kp]");
-  }
-  TORCH_CHECK(scales.dtype() == at::kHalf && scales.is_contiguous(),
-              "scales must be contiguous float16 [N, Kp/64]");
+// The weight's tensors checked against its layout; `offsets` undefined for none.
+Weight checked(Kind kind, const at::Tensor& qweight, const at::Tensor& scales,
+               const at::Tensor& offsets, const at::Tensor& bias) {
+  const bool packed = kind == Kind::kNF4 || kind == Kind::kU4;
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() &&
+                  qweight.dtype() == (packed ? at::kByte : at::kChar),
+              packed ? "qweight must be contiguous uint8 [N, Kp/2]"
+                     : "qweight must be contiguous int8 [N, Kp]");
   const int64_t rows = qweight.size(0);
-  const int64_t kp = qweight.size(1) * kBlock / block_bytes(F);
-  TORCH_CHECK(kp / kBlock <= kMaxBlocks, "in_features above ", kMaxBlocks * kBlock);
-  TORCH_CHECK(scales.numel() == rows * (kp / kBlock), "scales do not match qweight");
-  return {static_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr<at::Half>(),
+  const int64_t kp = qweight.size(1) * (packed ? 2 : 1);
+  TORCH_CHECK(kp % kBlock == 0, "padded in_features must be a multiple of 64, not ", kp);
+  TORCH_CHECK(kp <= nf4::kMaxGroups * 16 && kp / kBlock <= kMaxBlocks, "in_features above ",
+              kMaxBlocks * kBlock);
+  TORCH_CHECK(scales.is_contiguous(), "scales must be contiguous");
+  bool half = true;
+  if (!is_native(kind)) {
+    TORCH_CHECK(scales.dtype() == at::kHalf && scales.numel() == rows * (kp / kBlock),
+                "scales must be float16 [N, Kp/64]");
+    TORCH_CHECK(!offsets.defined(), "NF4 and 8-bit head weights take no offsets");
+  } else {
+    half = scales.dtype() == at::kHalf;
+    TORCH_CHECK(half || scales.dtype() == at::kFloat, "scales must be float16 or float32");
+    const int64_t group = kind == Kind::kI8x16 ? 16 : 32;
+    TORCH_CHECK(scales.numel() == rows * nf4::pad8(kp / group),
+                "scales must be [N, pad8(Kp / ", group, ")]");
+    if (offsets.defined()) {
+      TORCH_CHECK(offsets.is_contiguous() && offsets.dtype() == scales.dtype() &&
+                      offsets.numel() == rows * nf4::pad8(kp / 32),
+                  "offsets must be contiguous [N, pad8(Kp / 32)] in the scales' dtype");
+    }
+  }
+  return {kind, static_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr(),
+          offsets.defined() ? offsets.data_ptr() : nullptr, half,
           bias.defined() ? bias.data_ptr<float>() : nullptr, rows, kp};
+}
+
+// Activations for a native weight: int8 per 32 values, scales and scaled sums.
+void quantise_rows32(const float* x, int64_t m, int64_t k, int64_t kp, QuantRows& out) {
+  const int64_t nbp = nf4::pad8(kp / 32);
+  out.q.resize(m * kp);
+  out.scale.resize(m * nbp);
+  out.excess.resize(m * nbp);
+  constexpr int64_t kRowsPerChunk = 16;
+  pool().run((m + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t chunk) {
+    const int64_t end = std::min(m, (chunk + 1) * kRowsPerChunk);
+    for (int64_t r = chunk * kRowsPerChunk; r < end; ++r) {
+      nf4::quantise_row32(x + r * k, k, kp, out.q.data() + r * kp, out.scale.data() + r * nbp,
+                          out.excess.data() + r * nbp);
+    }
+  });
+}
+
+// Bytes a weight row occupies (codes and scales), for sizing chunks.
+int64_t row_bytes(const Weight& w) {
+  if (!is_native(w.kind)) return w.kp / kBlock * block_bytes(
+      w.kind == Kind::kNF4 ? Format::kNF4 : Format::kQ8);
+  const int64_t group = w.kind == Kind::kI8x16 ? 16 : 32;
+  return code_bytes(w) + (w.kp / group) * (w.half ? 2 : 4) * (w.offsets ? 2 : 1);
 }
 
 // out[m, n] = x[m, :k] . W[n] + bias[n] (+ residual[m, n]) for float rows x and out; with
 // `swiglu` W is [gate; up] and out has half its rows as columns.
-template <Format F>
 void linear_rows(const Weight& w, const float* x, int64_t m, int64_t k, bool swiglu,
                  const float* residual, float* out) {
   TORCH_CHECK(k <= w.kp && w.kp - k < kBlock, "input features ", k, " do not match weight ",
@@ -438,7 +525,11 @@ void linear_rows(const Weight& w, const float* x, int64_t m, int64_t k, bool swi
   // thread's buffers, not their own thread_local copies, hence the plain reference.
   thread_local QuantRows buffers;
   QuantRows& xq = buffers;
-  quantise_rows(x, m, k, kp, F == Format::kNF4, xq);
+  if (is_native(w.kind)) {
+    quantise_rows32(x, m, k, kp, xq);
+  } else {
+    quantise_rows(x, m, k, kp, w.kind == Kind::kNF4, xq);
+  }
   // Decode (one tile of activation rows): chunks of about 2^16 multiply-adds and at least
   // eight per call, small enough that the threads finish together and a late helper
   // costs little.
@@ -447,7 +538,7 @@ void linear_rows(const Weight& w, const float* x, int64_t m, int64_t k, bool swi
   // weights (from L2 a block of weights costs 32 bytes per tile, its activations 512),
   // and still at least eight per call.
   const int64_t per_row = kp * m * (swiglu ? 2 : 1);
-  const int64_t weight_bytes = kp / kBlock * block_bytes(F) * (swiglu ? 2 : 1);
+  const int64_t weight_bytes = row_bytes(w) * (swiglu ? 2 : 1);
   int64_t rows = m > kMaxRows
       ? std::clamp<int64_t>(std::min<int64_t>(16384 / weight_bytes, n_out / 8), 16, 512)
       : std::clamp<int64_t>(std::min<int64_t>((int64_t(1) << 16) / per_row,
@@ -456,42 +547,54 @@ void linear_rows(const Weight& w, const float* x, int64_t m, int64_t k, bool swi
   const Epilogue ep = swiglu ? Epilogue::kSwiGLU : Epilogue::kNone;
   pool().run((n_out + rows - 1) / rows, [&](int64_t chunk) {
     const int64_t begin = chunk * rows;
-    run_rows<F>(w.codes, w.scales, w.bias, xq, m, kp, begin, std::min(n_out, begin + rows),
-                n_out, n_out, ep, residual, out);
+    run_rows(w, xq, m, begin, std::min(n_out, begin + rows), n_out, n_out, ep, residual, out);
   });
 }
 
-template <Format F>
-at::Tensor forward(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                   const c10::optional<at::Tensor>& bias, bool swiglu) {
-  const at::Tensor bias_f = float_bias(bias, qweight.size(0));
-  const Weight w = checked<F>(qweight, scales, bias_f);
+at::Tensor forward(const at::Tensor& x, const Weight& w, bool swiglu) {
   const int64_t k = x.size(-1);
   const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
   const int64_t n_out = swiglu ? w.rows / 2 : w.rows;
   at::Tensor out = at::empty({x2.size(0), n_out}, x2.options());
-  linear_rows<F>(w, x2.data_ptr<float>(), x2.size(0), k, swiglu, nullptr,
-                 out.data_ptr<float>());
+  linear_rows(w, x2.data_ptr<float>(), x2.size(0), k, swiglu, nullptr, out.data_ptr<float>());
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n_out;
   out = out.reshape(out_shape);
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
+at::Tensor kind_forward(Kind kind, const at::Tensor& qweight, const at::Tensor& scales,
+                        const c10::optional<at::Tensor>& offsets,
+                        const c10::optional<at::Tensor>& bias, const at::Tensor& x,
+                        bool swiglu) {
+  const at::Tensor bias_f = float_bias(bias, qweight.size(0));
+  const at::Tensor offs =
+      offsets.has_value() && offsets->numel() ? *offsets : at::Tensor();
+  return forward(x, checked(kind, qweight, scales, offs, bias_f), swiglu);
+}
+
 // Arguments put the weight first so Python can bind them once (functools.partial).
 at::Tensor nf4_linear(const at::Tensor& qweight, const at::Tensor& scales,
                       const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
-  return forward<Format::kNF4>(x, qweight, scales, bias, false);
+  return kind_forward(Kind::kNF4, qweight, scales, c10::nullopt, bias, x, false);
 }
 
 at::Tensor q8_linear(const at::Tensor& qweight, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
-  return forward<Format::kQ8>(x, qweight, scales, bias, false);
+  return kind_forward(Kind::kQ8, qweight, scales, c10::nullopt, bias, x, false);
 }
 
 at::Tensor nf4_swiglu(const at::Tensor& qweight, const at::Tensor& scales,
                       const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
-  return forward<Format::kNF4>(x, qweight, scales, bias, true);
+  return kind_forward(Kind::kNF4, qweight, scales, c10::nullopt, bias, x, true);
+}
+
+// Any layout by its number (Kind): the native formats' entry point.
+at::Tensor weight_linear(int64_t kind, bool swiglu, const at::Tensor& qweight,
+                         const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
+                         const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
+  TORCH_CHECK(kind >= 0 && kind <= 4, "unknown weight layout ", kind);
+  return kind_forward(static_cast<Kind>(kind), qweight, scales, offsets, bias, x, swiglu);
 }
 
 // op[r] = xp[r] / rms(xp[r]) * wp for m rows of d floats (sums of squares in double).
@@ -537,28 +640,36 @@ at::Tensor token_attention(const at::Tensor& qkv, at::Tensor& k_cache, at::Tenso
 // NF4 linears), so the result is the same to the bit. One Python call per layer instead
 // of about ten, and inside it raw buffers of this thread's instead of tensors: each
 // tensor op (an allocation, a dtype check, an add) cost a few microseconds, ~30 a layer.
-// `w` holds norm1, wqkv (qweight, scales), wo (the same two), norm2, w13 (two), w2 (two);
-// weights come first so Python can bind them once.
-at::Tensor block_forward(const std::vector<at::Tensor>& w,
+// `w` holds norm1, wqkv (qweight, scales, offsets), wo (the same three), norm2, w13
+// (three), w2 (three), with an undefined tensor for absent offsets; `kinds` gives each
+// linear's layout (Kind). Weights come first so Python can bind them once.
+at::Tensor block_forward(const std::vector<at::Tensor>& w, const std::vector<int64_t>& kinds,
                          const c10::optional<at::Tensor>& qkv_bias, double eps,
                          const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_cache,
                          int64_t layer, const at::Tensor& slots, const at::Tensor& positions,
                          const at::Tensor& cos, const at::Tensor& sin, int64_t n_head,
                          int64_t n_kv_head) {
-  TORCH_CHECK(w.size() == 10, "block_forward takes 10 weight tensors, not ", w.size());
+  TORCH_CHECK(w.size() == 14, "block_forward takes 14 weight tensors, not ", w.size());
+  TORCH_CHECK(kinds.size() == 4, "block_forward takes 4 weight layouts, not ", kinds.size());
+  for (int64_t k : kinds) TORCH_CHECK(k >= 0 && k <= 4, "unknown weight layout ", k);
   const int64_t m = slots.numel();
   const at::Tensor rows = x.reshape({m, -1}).to(at::kFloat).contiguous();
   const int64_t dim = rows.size(1);
-  for (int i : {0, 5}) {
+  for (int i : {0, 7}) {
     TORCH_CHECK(w[i].scalar_type() == at::kFloat && w[i].is_contiguous() &&
                     w[i].numel() == dim, "norm weights must be contiguous float32 [dim]");
   }
   const at::Tensor bias_f = float_bias(qkv_bias, w[1].size(0));
   const at::Tensor none;
-  const Weight wqkv = checked<Format::kNF4>(w[1], w[2], bias_f);
-  const Weight wo = checked<Format::kNF4>(w[3], w[4], none);
-  const Weight w13 = checked<Format::kNF4>(w[6], w[7], none);
-  const Weight w2 = checked<Format::kNF4>(w[8], w[9], none);
+  auto linear = [&](int slot, int first, const at::Tensor& bias) {
+    const at::Tensor& offsets = w[first + 2];  // an empty tensor for none
+    return checked(static_cast<Kind>(kinds[slot]), w[first], w[first + 1],
+                   offsets.numel() ? offsets : none, bias);
+  };
+  const Weight wqkv = linear(0, 1, bias_f);
+  const Weight wo = linear(1, 4, none);
+  const Weight w13 = linear(2, 8, none);
+  const Weight w2 = linear(3, 11, none);
   TORCH_CHECK(wo.rows == dim && w2.rows == dim, "output projections must give dim columns");
   const nf4::TokenRows tokens(slots, positions, cos, sin);
   const int64_t head_dim = k_cache.size(-1);
@@ -573,14 +684,14 @@ at::Tensor block_forward(const std::vector<at::Tensor>& w,
   gated.resize(m * hidden);
   at::Tensor out = at::empty({m, dim}, rows.options());
   norm_rows(rows.data_ptr<float>(), m, dim, w[0].data_ptr<float>(), eps, normed.data());
-  linear_rows<Format::kNF4>(wqkv, normed.data(), m, dim, false, nullptr, qkv.data());
+  linear_rows(wqkv, normed.data(), m, dim, false, nullptr, qkv.data());
   nf4::attend_rows(qkv.data(), wqkv.rows, k_cache, v_cache, layer, tokens, n_head,
                    n_kv_head, pool(), attended.data());
-  linear_rows<Format::kNF4>(wo, attended.data(), m, n_head * head_dim, false,
+  linear_rows(wo, attended.data(), m, n_head * head_dim, false,
                             rows.data_ptr<float>(), h.data());
-  norm_rows(h.data(), m, dim, w[5].data_ptr<float>(), eps, normed.data());
-  linear_rows<Format::kNF4>(w13, normed.data(), m, dim, true, nullptr, gated.data());
-  linear_rows<Format::kNF4>(w2, gated.data(), m, hidden, false, h.data(),
+  norm_rows(h.data(), m, dim, w[7].data_ptr<float>(), eps, normed.data());
+  linear_rows(w13, normed.data(), m, dim, true, nullptr, gated.data());
+  linear_rows(w2, gated.data(), m, hidden, false, h.data(),
                             out.data_ptr<float>());
   return out.reshape(x.sizes()).to(x.scalar_type());
 }
@@ -610,7 +721,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("token_attention", &token_attention, release(),
         "attention for new tokens: RoPE, k and v into the cache, softmax(q.K) V");
   m.def("block_forward", &block_forward, release(),
-        "new tokens through a whole transformer block with NF4 linears");
+        "new tokens through a whole transformer block with quantised linears");
+  m.def("weight_linear", &weight_linear, release(),
+        "y = x @ dequant(W).T + bias (or its SwiGLU) for a weight of any layout");
   m.def("simd_enabled", &simd_enabled, "whether the AVX2/FMA/F16C path was compiled");
   m.def("threads", &threads, "threads the kernels use (the caller plus helpers)");
   m.def("set_threads", &set_threads, "fix the kernels' thread count (before first use)");

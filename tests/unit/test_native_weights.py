@@ -1,0 +1,143 @@
+"""The GGUF file's own blocks on the CPU kernels: the same weights, nothing rounded twice.
+
+Per block type: the native layout dequantises to exactly what gguf's own dequantiser
+gives, and the kernel's products equal the float32 product of those weights with the
+per-32 int8 activations it uses (so the only rounding left is the activations', as in
+llama.cpp). Real tensors of both bundled files cover Q4_1, Q8_0, Q5_0, Q4_K and Q6_K;
+random valid blocks cover every type.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize
+
+from agent import assets
+from agent.decoder import native
+from agent.decoder.gguf_loader import read_blocks, read_header
+from agent.decoder.kernels import get_backend
+from agent.decoder.kernels.cpu import CpuBackend
+from agent.decoder.quantize import resolve_weights
+
+K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
+WITH_MIN = (Q.Q4_1, Q.Q5_1, Q.Q4_K, Q.Q5_K)
+
+
+@pytest.fixture(scope="module")
+def cpu(settings) -> CpuBackend:
+    backend = get_backend("cpu", settings.cache_dir)
+    assert isinstance(backend, CpuBackend)
+    if not backend.native:
+        pytest.skip("no C++ compiler: the CPU backend runs its PyTorch fallback")
+    return backend
+
+
+def random_blocks(qtype: Q, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Valid blocks: random bytes, with finite float16 factors of a weight's size."""
+    rng = np.random.default_rng(seed)
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+
+    def half() -> np.ndarray:
+        values = rng.uniform(-0.05, 0.05, (n, k // block)).astype(np.float16)
+        return values.view(np.uint8).reshape(n, k // block, 2)
+
+    if qtype == Q.Q6_K:
+        raw[..., 208:210] = half()
+    else:
+        raw[..., 0:2] = half()
+        if qtype in WITH_MIN:
+            raw[..., 2:4] = half()
+    return raw.reshape(n, -1)
+
+
+def quantised_activations(x: torch.Tensor, kp: int) -> torch.Tensor:
+    """x rounded as the kernels round it: int8 per 32 values, scale absmax / 127."""
+    padded = F.pad(x.float(), (0, kp - x.shape[-1])).reshape(x.shape[0], -1, 32)
+    amax = padded.abs().amax(dim=2, keepdim=True)
+    q = torch.round(padded * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax)))
+    return (q * (amax / 127.0)).reshape(x.shape[0], kp)[:, :x.shape[-1]]
+
+
+def check_kernel(cpu: CpuBackend, w: native.NativeWeight, m: int) -> None:
+    x = torch.randn(m, w.shape[1], generator=torch.Generator().manual_seed(m))
+    weight = native.dequantise(w)
+    want = quantised_activations(x, w.padded_k) @ weight.T
+    got = cpu.linear(x, w)
+    slack = 2e-5 * (quantised_activations(x, w.padded_k).abs() @ weight.abs().T) + 1e-6
+    assert ((got - want).abs() <= slack).all(), float((got - want).abs().max())
+
+
+@pytest.mark.parametrize("qtype", list(native.LAYOUT_OF), ids=lambda q: q.name)
+def test_every_type_dequantises_exactly_as_gguf(qtype: Q) -> None:
+    k = 768 if qtype in K_QUANTS else 576
+    raw = random_blocks(qtype, 24, k)
+    w = native.from_blocks(raw, qtype, (24, k))
+    want = dequantize(raw, qtype).reshape(24, k)
+    assert np.array_equal(native.dequantise(w).numpy(), want)
+    assert w.layout == native.LAYOUT_OF[qtype]
+
+
+@pytest.mark.parametrize("qtype", list(native.LAYOUT_OF), ids=lambda q: q.name)
+@pytest.mark.parametrize("m", [1, 3, 8, 19])
+def test_kernel_multiplies_the_files_weights(cpu: CpuBackend, qtype: Q, m: int) -> None:
+    k = 4864 if qtype in K_QUANTS else 896  # Qwen's ffn_down and hidden widths
+    w = native.from_blocks(random_blocks(qtype, 40, k, seed=m), qtype, (40, k))
+    check_kernel(cpu, w, m)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q6_K, Q.Q5_0], ids=lambda q: q.name)
+def test_swiglu_and_bias_on_native_weights(cpu: CpuBackend, qtype: Q) -> None:
+    k = 768 if qtype in K_QUANTS else 576
+    w = native.from_blocks(random_blocks(qtype, 32, k), qtype, (32, k),
+                           bias=torch.linspace(-1, 1, 32))
+    x = torch.randn(5, k)
+    xq = quantised_activations(x, w.padded_k)
+    gate, up = (xq @ native.dequantise(w).T + w.bias).chunk(2, dim=-1)
+    # float32 sums in another order over K terms, then an exp of 1.3e-7 relative error
+    torch.testing.assert_close(cpu.swiglu(x, w), F.silu(gate) * up, rtol=1e-3, atol=1e-3)
+
+
+def test_fused_parts_of_different_types_keep_their_values(cpu: CpuBackend) -> None:
+    # Qwen's wqkv mixes Q5_0 and Q8_0; a Q4_1 and a Q6_K part meet in the widest layout.
+    parts = [native.from_blocks(random_blocks(t, 16, 768, seed=i), t, (16, 768))
+             for i, t in enumerate((Q.Q4_1, Q.Q6_K, Q.Q8_0))]
+    fused = native.concat_rows(parts)
+    assert fused.layout == "i8x16" and fused.shape == (48, 768)
+    assert torch.equal(native.dequantise(fused),
+                       torch.cat([native.dequantise(p) for p in parts]))
+    check_kernel(cpu, fused, 4)
+
+
+@pytest.mark.parametrize("model", ["smollm2", "qwen2.5-coder-0.5b"])
+def test_real_tensors_of_the_bundled_files(cpu: CpuBackend, settings, model: str) -> None:
+    path = assets.resolve(model, settings.cache_dir)
+    _, infos = read_header(path)
+    picked: dict[str, str] = {}
+    for info in infos:  # the first linear tensor of each type the file holds
+        if info.qtype in native.LAYOUT_OF and info.qtype.name not in picked.values():
+            picked[info.name] = info.qtype.name
+    blocks = read_blocks(path, list(picked))
+    for name in picked:
+        qtype, raw = blocks[name]
+        rows = raw[:64]
+        k = rows.shape[1] // GGML_QUANT_SIZES[qtype][1] * GGML_QUANT_SIZES[qtype][0]
+        w = native.from_blocks(rows, qtype, (rows.shape[0], k))
+        assert np.array_equal(native.dequantise(w).numpy(),
+                              dequantize(rows, qtype).reshape(rows.shape[0], k)), name
+        check_kernel(cpu, w, 3)
+
+
+def test_the_format_follows_the_tensor_types() -> None:
+    quantised = {"blk.0.attn_q.weight": "Q4_1", "blk.0.attn_norm.weight": "F32",
+                 "output.weight": "Q8_0"}
+    assert resolve_weights("auto", quantised) == "native"
+    assert resolve_weights("auto", {**quantised, "blk.0.attn_q.weight": "F16"}) == "nf4"
+    assert resolve_weights("nf4", quantised) == "nf4"
+    with pytest.raises(Exception, match="llm_weights"):
+        resolve_weights("int3", quantised)
