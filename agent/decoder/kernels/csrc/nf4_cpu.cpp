@@ -87,8 +87,6 @@ const Lut kLut;
 
 using nf4::QuantRows;  // activations quantised per row and block (native_tiles.h)
 
-constexpr int64_t padded_blocks(int64_t nb) { return (nb + 7) / 8 * 8; }
-
 #if NF4_SIMD
 // One whole 64-value block: q = round(x * 127 / amax) (nearest-even, as std::nearbyint
 // rounds), the int8 values' sum added to `total`; returns amax. The same values as the
@@ -132,7 +130,7 @@ inline float quantise_block(const float* x, int8_t* q, int32_t* total) {
 void quantise_rows(const float* x, int64_t m, int64_t k, int64_t kp, bool sums,
                    QuantRows& out) {
   const int64_t nb = kp / kBlock;
-  const int64_t nbp = padded_blocks(nb);
+  const int64_t nbp = nf4::pad8(nb);
   // Every element is written below except the (zero) padding past k.
   out.q.resize(m * kp);
   out.scale.assign(m * nbp, 0.0f);
@@ -187,7 +185,7 @@ template <Format F, int MR>
 void tile_dots(const uint8_t* w, int64_t row_bytes, const at::Half* wscales, int64_t n_rows,
                const QuantRows& xq, int64_t r0, int64_t kp, float* dots) {
   const int64_t nb = kp / kBlock;
-  const int64_t nbp = padded_blocks(nb);
+  const int64_t nbp = nf4::pad8(nb);
   // The activation scales carry the NF4 table's 1/63; 8-bit weights need it undone.
   constexpr float kUnit = F == Format::kNF4 ? 1.0f : 63.0f;
   // Per-block factor weight scale * activation scale, one table per activation row.
