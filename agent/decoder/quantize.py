@@ -56,6 +56,23 @@ def resolve_weights(choice: str, tensor_types: dict[str, str]) -> str:
     return "native" if linear and all(t in readable for t in linear) else "nf4"
 
 
+def planned_format(choice: str, tensor_types: dict[str, str]) -> str:
+    """What a file's linears will run in, labelled as weights_format labels a loaded model.
+
+    Under native, a linear whose tensor the kernels cannot read raw (a 16-bit tied head, a
+    16-bit layer named with llm_weights = "native") keeps its float values: "+fp32".
+    """
+    fmt = resolve_weights(choice, tensor_types)
+    if fmt != "native":
+        return fmt
+    types = [t for name, t in tensor_types.items() if _is_linear_weight(name)]
+    if "output.weight" not in tensor_types and "token_embd.weight" in tensor_types:
+        types.append(tensor_types["token_embd.weight"])  # the tied head
+    readable = {q.name for q in native.LAYOUT_OF}
+    label = "native+fp32" if any(t not in readable for t in types) else "native"
+    return f"{label} ({', '.join(sorted({t for t in types if t in readable}))})"
+
+
 def _is_linear_weight(name: str) -> bool:
     from agent.decoder.model import is_linear_tensor
 

@@ -192,8 +192,10 @@ class Scheduler:
             self._commands.put(("close",))
             self._thread.join(timeout=10)
 
-    def stats(self) -> dict[str, int]:
-        return {"sessions": len(self._sessions), "waiting": len(self._waiting),
+    def stats(self) -> dict[str, int | str]:
+        """What /healthz shows for this model: what it runs on, and what it is doing."""
+        return {"backend": self.engine.backend, "weights": self.engine.weights,
+                "sessions": len(self._sessions), "waiting": len(self._waiting),
                 "prefilling": len(self._prefilling), "decoding": len(self._decoding),
                 "kv_bytes_per_stream": self.cache.bytes_per_stream,
                 "largest_batch": self.largest_batch}

@@ -28,10 +28,9 @@ def server(tmp_path_factory) -> str:
     """Base URL of a server with warm engines, its own store and a known API key."""
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    # The API tests pin the decoder's ground-truth backend (fp32 on the GGUF's weights) so
-    # that an answer does not hinge on NF4 rounding; the decoder's own tests cover NF4.
+    # The decoder runs its default configuration (backend and weights format), so these
+    # tests hear the answers a user hears.
     env = dict(os.environ, PARLEY_API_KEYS=API_KEY, PARLEY_MAX_AUDIO_SECONDS="60",
-               PARLEY_LLM_BACKEND="fp32",
                # Same text, same audio: whether Whisper hears a reply right must not hinge
                # on Piper's random prosody (it misheard "Paris" in about one run in fifty).
                PARLEY_TTS_VARIATION="false",

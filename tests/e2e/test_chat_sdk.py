@@ -239,6 +239,12 @@ def test_models_listing(client):
         messages=[{"role": "user", "content": "hi"}]).choices
 
 
+def test_healthz_says_the_default_model_runs_its_own_quantised_weights(server):
+    stats = httpx.get(server + "/healthz").json()["decoder"]["smollm2"]
+    assert stats["backend"] == "cpu"
+    assert stats["weights"] == "native (Q4_1, Q8_0)"  # the GGUF's blocks, not re-quantised
+
+
 def test_disconnect_cancels_generation(server):
     import time
 

@@ -22,7 +22,7 @@ from agent.decoder import native
 from agent.decoder.gguf_loader import read_blocks, read_header
 from agent.decoder.kernels import get_backend
 from agent.decoder.kernels.cpu import CpuBackend
-from agent.decoder.quantize import resolve_weights
+from agent.decoder.quantize import planned_format, resolve_weights
 
 K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
 WITH_MIN = (Q.Q4_1, Q.Q5_1, Q.Q4_K, Q.Q5_K)
@@ -141,3 +141,12 @@ def test_the_format_follows_the_tensor_types() -> None:
     assert resolve_weights("nf4", quantised) == "nf4"
     with pytest.raises(Exception, match="llm_weights"):
         resolve_weights("int3", quantised)
+
+
+def test_the_planned_format_names_every_source_type_the_tied_head_included() -> None:
+    tied = {"blk.0.attn_q.weight": "Q4_1", "blk.0.ffn_down.weight": "Q4_1",
+            "token_embd.weight": "Q8_0", "output_norm.weight": "F32"}
+    assert planned_format("auto", tied) == "native (Q4_1, Q8_0)"
+    assert planned_format("auto", {**tied, "token_embd.weight": "F16"}) == "native+fp32 (Q4_1)"
+    assert planned_format("auto", {**tied, "output.weight": "Q6_K"}) == "native (Q4_1, Q6_K)"
+    assert planned_format("q8", tied) == "q8"
