@@ -58,6 +58,7 @@ class Result:
     margins: list[float | None] = field(default_factory=list)  # fp32 margin at divergence
     seconds: float = 0.0
     replies: list[str] = field(default_factory=list)
+    continuations: list[list[int]] = field(default_factory=list)  # greedy ids per fixed prompt
 
     @property
     def right(self) -> int:
@@ -128,7 +129,7 @@ def _measure(name: str, greedy: Greedy, tokenizer, reference: list[list[int]] | 
         reply = tokenizer.decode(greedy(_chat_ids(tokenizer, question), ANSWER_TOKENS))
         result.replies.append(reply)
         result.answers.setdefault(question.group, []).append(correct(question, reply))
-    continuations = [greedy(p, AGREEMENT_TOKENS) for p in prompts]
+    result.continuations = continuations = [greedy(p, AGREEMENT_TOKENS) for p in prompts]
     result.seconds = time.perf_counter() - began
     for n, ids in enumerate(continuations):
         want = reference[n] if reference is not None else ids
@@ -139,7 +140,6 @@ def _measure(name: str, greedy: Greedy, tokenizer, reference: list[list[int]] | 
         diverged = same < max(len(ids), len(want))
         result.margins.append(margins[n][same] if diverged and margins is not None
                               and same < len(margins[n]) else None)
-    result.continuations = continuations  # type: ignore[attr-defined]
     return result
 
 
@@ -189,7 +189,7 @@ def bench_quality(settings: Settings, args: argparse.Namespace) -> int:
     prompts = [fp32.encode_prompt(p) for p in AGREEMENT_PROMPTS]
     results = [_measure("PyTorch fp32 (dequantised GGUF)", _parley_greedy(fp32), tokenizer,
                         None, None, prompts)]
-    reference: list[list[int]] = results[0].continuations  # type: ignore[attr-defined]
+    reference = results[0].continuations
     margins = [_fp32_margins(fp32, p, c) for p, c in zip(prompts, reference, strict=True)]
     _report(results[-1])
     del fp32
