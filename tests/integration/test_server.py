@@ -18,9 +18,9 @@ def server(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # fp32: the server warms its LLM at start, and a test must not leave a half-built NF4
-    # CPU extension (and its build lock) behind when it stops the server.
-    env = dict(os.environ, PARLEY_API_KEYS="sk-integration", PARLEY_LLM_BACKEND="fp32")
+    # The default decoder backend, as a user runs it. A server stopped while it builds the
+    # CPU extension leaves nothing that blocks the next build: the build flock dies with it.
+    env = dict(os.environ, PARLEY_API_KEYS="sk-integration")
     proc = subprocess.Popen([str(PARLEY), "serve", "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
