@@ -49,6 +49,9 @@ class Settings:
     # auto: the file's own quantised weights (native) for a quantised GGUF, nf4 for a
     # 16-bit one | native | nf4 | q8
     llm_weights: str = "auto"
+    # how the CPU kernels take activations for native weights: int8x2 (int8 and its
+    # rounding error: fp32's answers) | int8 (once, as llama.cpp: faster prefill)
+    llm_activations: str = "int8x2"
     llm_streams: int = 8                # concurrent decode streams (KV-cache slots)
     llm_threads: int = 0                # NF4 CPU kernel threads; 0: torch's count (the cores)
     max_output_tokens: int = 512        # default cap on a reply when a request names none

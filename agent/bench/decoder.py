@@ -4,8 +4,9 @@ Implementations, all loaded in this process and measured in interleaved rounds (
 the other within a round, never concurrently):
     PyTorch fp32   the dequantised GGUF weights in plain nn.Linear (the ground truth)
     Parley         the default configuration (backend "auto", llm_weights "auto": the
-                   file's own quantised blocks for a quantised GGUF), then NF4 on the same
-                   backend, so the cost of each weights format shows side by side
+                   file's own quantised blocks for a quantised GGUF, llm_activations
+                   "int8x2"), then those weights with int8 activations (llama.cpp's
+                   rounding) and NF4 on the same backend, so the cost of each shows
     llama.cpp      llama-cpp-python on the same GGUF, when installed (a bench-only extra)
 
 Measured with greedy argmax sampling outside the timed engine calls, so every row times
@@ -43,7 +44,7 @@ FILLER = ("The history of the bicycle begins in the early nineteenth century, wh
 @dataclass
 class Row:
     name: str
-    weights: str  # the format the linears run in, as /healthz and `parley models` say it
+    weights: str  # what the linears run in (as /healthz says it) x what they multiply
     decode: dict[int, float] = field(default_factory=dict)  # batch -> aggregate tok/s
     prefill: float = 0.0  # tok/s
     ttft_ms: float = 0.0
@@ -99,7 +100,8 @@ class ParleyContender:
         self.engine, self.threads = engine, threads
         self.prompt, self.chat, self.n_decode = prompt, chat, n_decode
         self.cache = engine.model.new_cache(max(BATCHES), len(prompt) + len(chat) + n_decode + 8)
-        self.row = Row(label, engine.weights, weight_bytes=engine.weight_bytes(),
+        self.row = Row(label, f"{engine.weights} × {engine.activations}",
+                       weight_bytes=engine.weight_bytes(),
                        kv_bytes_per_token=engine.kv_bytes_per_token)
         self.samples = Samples()
 
@@ -143,20 +145,23 @@ def _parley_contenders(settings: Settings, model_name: str, n_decode: int,
 
     threads = torch.get_num_threads()
     engines = []
-    for label, backend, weights in (("PyTorch fp32 (dequantised GGUF)", "fp32", None),
-                                    ("Parley", "auto", None), ("Parley", "auto", "nf4")):
+    seen: set[tuple[str, str]] = set()
+    for label, backend, changes in (("PyTorch fp32 (dequantised GGUF)", "fp32", {}),
+                                    ("Parley", "auto", {}),
+                                    ("Parley", "auto", {"llm_activations": "int8"}),
+                                    ("Parley", "auto", {"llm_weights": "nf4"})):
         if backend != "fp32":
             _use_kernel_threads(settings, threads)
         engine = load_engine(model_name, backend=backend, progress=False,
-                             settings=settings if weights is None
-                             else replace(settings, llm_weights=weights))
+                             settings=replace(settings, **changes))
         torch.set_num_threads(threads)
+        if (engine.weights, engine.activations) in seen:
+            continue  # the default already is this one (a 16-bit source runs NF4)
+        seen.add((engine.weights, engine.activations))
         if backend != "fp32":
-            label = f"Parley {engine.backend}" + (" (default)" if weights is None else "")
-        if weights is not None and engine.weights == engines[1][1].weights:
-            continue  # the default already is this format (a 16-bit source runs NF4)
-        print(f"  {label} / {engine.weights}: loaded in {engine.load_seconds:.1f} s",
-              flush=True)
+            label = f"Parley {engine.backend}" + ("" if changes else " (default)")
+        print(f"  {label} / {engine.weights} / {engine.activations}: loaded in "
+              f"{engine.load_seconds:.1f} s", flush=True)
         engines.append((label, engine, threads if backend == "fp32" else 1))
     first = engines[0][1]
     prompt = first.tokenizer.encode(FILLER * 40)[:PREFILL_TOKENS]
@@ -188,8 +193,8 @@ class LlamaContender:
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=512,
                                    n_threads=threads, n_threads_batch=threads, verbose=False)
         self.prompt, self.chat, self.n_decode = list(prompt), list(chat), n_decode
-        self.row = Row(f"llama.cpp {llama_cpp.__version__} ({threads} threads)", "the file's",
-                       weight_bytes=path.stat().st_size, note="single stream")
+        self.row = Row(f"llama.cpp {llama_cpp.__version__} ({threads} threads)",
+                       "the file's × int8", weight_bytes=path.stat().st_size, note="single stream")
         meta = self.llm.metadata
         arch = meta.get("general.architecture", "llama")
         n_head = int(meta.get(f"{arch}.attention.head_count", 1))
@@ -259,7 +264,7 @@ def _mb(n: int) -> str:
 def render(rows: list[Row], header: str, context: int) -> str:
     base = next((r for r in rows if r.name.startswith("llama.cpp")), None)
     lines = [header, "",
-             "| implementation | weights format | decode b=1 tok/s | decode b=4 tok/s | "
+             "| implementation | weights × activations | decode b=1 tok/s | decode b=4 tok/s | "
              f"decode b=8 tok/s | prefill {PREFILL_TOKENS} tok/s | TTFT ms | weights | "
              f"KV / stream @{context} |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -271,7 +276,7 @@ def render(rows: list[Row], header: str, context: int) -> str:
     if base and base.decode.get(1):
         lines += ["", "Ratios against llama.cpp (decode at batch b is aggregate over b "
                   "streams, against llama.cpp's single stream):", "",
-                  "| implementation | weights format | decode b=1 | b=4 | b=8 | prefill |",
+                  "| implementation | weights × activations | decode b=1 | b=4 | b=8 | prefill |",
                   "|---|---|---:|---:|---:|---:|"]
         for r in rows:
             if r is base:

@@ -165,14 +165,19 @@ def render(results: list[Result], header: str) -> str:
     return "\n".join(lines)
 
 
-def _formats(settings: Settings, path: Path) -> list[str]:
-    """The weight formats to measure after fp32: the default for this file first."""
+def _configurations(settings: Settings, path: Path) -> list[Settings]:
+    """What to measure after fp32: the default for this file first, then its weights with
+    the other activations where they apply (native), then every other weight format."""
     from agent.decoder.gguf_loader import read_header
+    from agent.decoder.kernels import ACTIVATIONS
     from agent.decoder.quantize import WEIGHT_FORMATS, resolve_weights
 
     _, infos = read_header(path)
     default = resolve_weights(settings.llm_weights, {i.name: i.qtype.name for i in infos})
-    return [default, *(w for w in WEIGHT_FORMATS if w != default)]
+    others = [replace(settings, llm_activations=a) for a in ACTIVATIONS
+              if a != settings.llm_activations] if default == "native" else []
+    return [settings, *others,
+            *(replace(settings, llm_weights=w) for w in WEIGHT_FORMATS if w != default)]
 
 
 def bench_quality(settings: Settings, args: argparse.Namespace) -> int:
@@ -195,12 +200,11 @@ def bench_quality(settings: Settings, args: argparse.Namespace) -> int:
     del fp32
     gc.collect()
 
-    formats = _formats(settings, path)
-    for weights in formats[:1] if quick else formats:
-        engine = load_engine(model_name, settings=replace(settings, llm_weights=weights),
-                             progress=False)
-        label = f"Parley {engine.backend} / {engine.weights}"
-        if weights == formats[0]:
+    configurations = _configurations(settings, path)
+    for number, configuration in enumerate(configurations[:1] if quick else configurations):
+        engine = load_engine(model_name, settings=configuration, progress=False)
+        label = f"Parley {engine.backend} / {engine.weights} × {engine.activations}"
+        if number == 0:
             label += " (default)"
         results.append(_measure(label, _parley_greedy(engine), tokenizer, reference,
                                 margins, prompts))
@@ -241,7 +245,7 @@ def _llama_result(path: Path, tokenizer, reference, margins, prompts, threads: i
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
     try:
-        return _measure(f"llama.cpp {llama_cpp.__version__}",
+        return _measure(f"llama.cpp {llama_cpp.__version__} / the file's × int8",
                         _llama_greedy(llm, tokenizer.eog_ids), tokenizer, reference, margins,
                         prompts)
     finally:

@@ -50,6 +50,7 @@ class Engine:
     backend: str  # "fp32" or the kernel backend actually in use
     load_seconds: float
     weights: str = "fp32"  # what the linears run in, e.g. "native (Q4_1, Q8_0)", "nf4"
+    activations: str = "fp32"  # what they multiply: "int8x2", "int8" (kernels), "fp32"
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -135,7 +136,7 @@ def _quantise(model: Transformer, backend: str, settings: Settings, gguf: Path,
     if name == "triton":
         raise ConfigError("the decoder runs on the CPU and the Triton kernels on CUDA: use "
                           "the cpu backend (`parley bench kernels` measures the Triton ones)")
-    kernel = get_backend(name, Path(settings.cache_dir))
+    kernel = get_backend(name, Path(settings.cache_dir), settings.llm_activations)
     use_threads = getattr(kernel, "use_threads", None)
     if use_threads is not None:  # before the kernels first run: their pool is sized once
         threads = use_threads(settings.llm_threads)
@@ -192,8 +193,9 @@ def load_engine(model: str | Path | None = None, *, settings: Settings | None = 
             # A stale or foreign NF4 cache: quantise afresh from the full weights.
             net = build_model(args, load_gguf(path).tensors)
             used = _quantise(net, backend, settings, path, progress, fmt, types)
-    from agent.decoder.quantize import weights_format
+    from agent.decoder.quantize import activations_format, weights_format
 
     return Engine(name=name, path=path, args=args, model=net, tokenizer=tokenizer,
                   backend=used, weights=weights_format(net),
+                  activations=activations_format(net),
                   load_seconds=time.perf_counter() - began)

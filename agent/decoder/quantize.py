@@ -261,6 +261,18 @@ def weights_format(model: nn.Module) -> str:
     return f"{label} ({', '.join(sources)})" if sources else label
 
 
+def activations_format(model: nn.Module) -> str:
+    """What a model's quantised linears multiply their weights with: "int8x2" or "int8"
+    (the compiled CPU kernels: native weights as the backend takes them, NF4 and 8-bit
+    ones always once), "fp32" (a float matmul: the fp32 and reference paths)."""
+    kinds: dict[str, None] = {}
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear) and getattr(mod.backend, "native", False):
+            kinds[getattr(mod.backend, "activations", "int8")
+                  if isinstance(mod.quant_weight, NativeWeight) else "int8"] = None
+    return "+".join(kinds) or "fp32"
+
+
 def quantize_model(model: nn.Module, backend: Backend | str = "auto",
                    cache_path: Path | None = None, progress: bool = True,
                    double_quant: bool = False, scale_search: bool = True,

@@ -195,6 +195,7 @@ class Scheduler:
     def stats(self) -> dict[str, int | str]:
         """What /healthz shows for this model: what it runs on, and what it is doing."""
         return {"backend": self.engine.backend, "weights": self.engine.weights,
+                "activations": self.engine.activations,
                 "sessions": len(self._sessions), "waiting": len(self._waiting),
                 "prefilling": len(self._prefilling), "decoding": len(self._decoding),
                 "kv_bytes_per_stream": self.cache.bytes_per_stream,

@@ -41,6 +41,10 @@ from agent.decoder.nf4 import NF4Weight
 from agent.errors import ConfigError
 
 BACKENDS = ("reference", "cpu", "triton")
+# How the CPU kernels take activations for the GGUF file's own weights (native): "int8x2"
+# quantises each 32 values to int8 and then their rounding error again, two rows through
+# one tile (about fifteen bits, answers as fp32's); "int8" once, as llama.cpp does.
+ACTIVATIONS = ("int8x2", "int8")
 
 
 class Backend(Protocol):
@@ -68,15 +72,21 @@ def auto_backend_name() -> str:
     return "cpu"
 
 
-def get_backend(name: str = "auto", cache_dir: Path | None = None) -> Backend:
-    """The backend called `name` (one instance per process)."""
+def get_backend(name: str = "auto", cache_dir: Path | None = None,
+                activations: str = ACTIVATIONS[0]) -> Backend:
+    """The backend called `name` (one instance per process and `activations`, which only
+    the cpu backend's native weights use)."""
     if name == "auto":
         name = auto_backend_name()
     if name not in BACKENDS:
         raise ConfigError(f"unknown kernel backend {name!r}; choose one of "
                           f"{', '.join(BACKENDS)} or auto")
-    if name in _loaded:
-        return _loaded[name]
+    if activations not in ACTIVATIONS:
+        raise ConfigError(f"unknown llm_activations {activations!r}; choose one of "
+                          f"{', '.join(ACTIVATIONS)}")
+    key = f"{name}/{activations}" if name == "cpu" else name
+    if key in _loaded:
+        return _loaded[key]
     backend: Backend
     if name == "reference":
         from agent.decoder.kernels.reference import ReferenceBackend
@@ -85,10 +95,10 @@ def get_backend(name: str = "auto", cache_dir: Path | None = None) -> Backend:
     elif name == "cpu":
         from agent.decoder.kernels.cpu import CpuBackend
 
-        backend = CpuBackend(cache_dir)
+        backend = CpuBackend(cache_dir, activations=activations)
     else:
         from agent.decoder.kernels.triton_nf4 import TritonBackend
 
         backend = TritonBackend()
-    _loaded[name] = backend
+    _loaded[key] = backend
     return backend

@@ -161,12 +161,15 @@ class CpuBackend:
     name = "cpu"
 
     def __init__(self, cache_dir: Path | None = None, native: bool = True,
-                 build_wait_s: float = BUILD_WAIT_S):
+                 build_wait_s: float = BUILD_WAIT_S, activations: str = "int8x2"):
         if cache_dir is None:
             from agent.config import load_settings
 
             cache_dir = load_settings().cache_dir
         self._ext = load_extension(cache_dir, build_wait_s) if native else None
+        # Activation rows per input row for native weights (see kernels/__init__.py).
+        self.activations = activations
+        self._passes = 2 if activations == "int8x2" else 1
         # torch's count before anyone lowers it: the cores it may use (or OMP_NUM_THREADS).
         self._default_threads = torch.get_num_threads()
 
@@ -204,8 +207,8 @@ class CpuBackend:
             return partial(_swap_args, fn, w)
         w = self._ready(w)
         if isinstance(w, NativeWeight):
-            return partial(self._ext.weight_linear, layout_code(w), swiglu, w.qweight,
-                           w.scales, w.offsets, w.bias)
+            return partial(self._ext.weight_linear, layout_code(w), swiglu, self._passes,
+                           w.qweight, w.scales, w.offsets, w.bias)
         if isinstance(w, Q8Weight):
             return partial(self._ext.q8_linear, w.qweight, w.scales, w.bias)
         op = self._ext.swiglu if swiglu else self._ext.linear
@@ -245,7 +248,9 @@ class CpuBackend:
 
         tensors = [norm(norm1), *parts(wqkv), *parts(wo), norm(norm2), *parts(w13), *parts(w2)]
         kinds = [layout_code(w) for w in (wqkv, wo, w13, w2)]
-        return partial(self._ext.block_forward, tensors, kinds, wqkv.bias, eps)
+        passes = [self._passes if isinstance(w, NativeWeight) else 1
+                  for w in (wqkv, wo, w13, w2)]
+        return partial(self._ext.block_forward, tensors, kinds, passes, wqkv.bias, eps)
 
     def set_threads(self, n: int) -> int:
         """Fix the kernels' thread count (before their first use); returns the count in effect.

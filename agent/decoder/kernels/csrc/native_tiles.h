@@ -12,7 +12,7 @@
 // scales are zero-padded to a multiple of eight so they load eight at a time.
 //
 // Activations are quantised per 32 values to int8 (llama.cpp's Q8_0/Q8_1 granularity),
-// with sum[h] = scale * (sum of the 32 int8 values) kept for the offsets:
+// with sum[h] = scale * (sum of the 32 values) kept for the offsets:
 //   x . w = sum_g s_w[g] s_x[g] (q . xq)_g + sum_h o[h] sum[h]
 // The second sum depends on no weight value, so it is the accumulator's starting value.
 //
@@ -20,6 +20,16 @@
 // (one instruction) and PMADDUBSW + PMADDWD on plain AVX2; nothing saturates on either
 // path (|q| <= 128, |xq| <= 127: each PMADDUBSW pair stays within 2 * 128 * 127 = 32512),
 // so the two give the same integers and the same results to the bit.
+//
+// "Fine" activations (llm_activations = int8x2) add a second byte per value: the first
+// pass's rounding error times 256, rounded to int8 and clamped to +-127, so a value is the
+// 16-bit hi * 256 + lo with the block scale amax / (127 * 256). Both bytes meet the same
+// unpacked weights, (q . hi) * 256 + (q . lo) stays an int32 (|.| <= 32 * 128 * 127 * 257),
+// and the scale table, conversion and FMA are the one pass's: the second costs two dot
+// products per 64 weights. A single int8 pass rounds each value by up to half a step of
+// amax / 127; a block holding one of the large activations some channels carry then
+// loses the small ones' detail, enough to move near-tied logits (SmolLM2's "The" against
+// "L" for "What is the capital of France?", 0.08 apart in fp32, 0.25 the other way in int8).
 
 #pragma once
 
@@ -35,8 +45,10 @@ namespace nf4 {
 // Activations quantised per row: int8 values plus per-block scale and scaled sum.
 struct QuantRows {
   std::vector<int8_t> q;      // [M, Kp]  int8
+  std::vector<int8_t> q_lo;   // [M, Kp]  the fine activations' low bytes (else empty)
   std::vector<float> scale;   // [M, Bp]  per block (64 for NF4/Q8: absmax / 127 / 63;
-                              //          32 for the native formats: absmax / 127)
+                              //          32 for the native formats: absmax / 127,
+                              //          or absmax / (127 * 256) with low bytes)
   std::vector<float> excess;  // [M, Bp]  NF4: 63 * block sum of q; native: scale * block
                               //          sum of q; zero past the last block
 };
@@ -72,9 +84,35 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
+// acc + dot_u8s8(u, s), in one instruction where VNNI exists.
+inline __m256i dot_u8s8_add(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, dot_u8s8(u, s));
+#endif
+}
+
+// Eight int32 lanes x 4 -> 32 int8 in order (the packs saturate).
+inline void store_bytes32(const __m256i* qi, int8_t* q) {
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i a = _mm256_packs_epi32(qi[0], qi[1]);
+  const __m256i b = _mm256_packs_epi32(qi[2], qi[3]);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order));
+}
+
+inline int32_t lane_sum(__m256i v) {
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+  return _mm_cvtsi128_si32(s4);
+}
+
 // One whole block of 32 values: q = round(x * 127 / amax) (nearest-even, as std::nearbyint
-// rounds); returns amax and adds the int8 values' sum to `total`.
-inline float quantise_block32(const float* x, int8_t* q, int32_t* total) {
+// rounds); with `lo`, also lo = clamp(round((x * 127 / amax - q) * 256), +-127). Returns
+// amax and adds the values' sum (hi * 256 + lo with `lo`) to `total`.
+inline float quantise_block32(const float* x, int8_t* q, int8_t* lo, int32_t* total) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   __m256 v[4];
   __m256 top = _mm256_setzero_ps();
@@ -87,30 +125,37 @@ inline float quantise_block32(const float* x, int8_t* q, int32_t* total) {
   h = _mm_max_ss(h, _mm_movehdup_ps(h));
   const float amax = _mm_cvtss_f32(h);
   const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-  __m256i qi[4];
+  __m256i qi[4], li[4];
   __m256i sum = _mm256_setzero_si256();
+  const __m256 step = _mm256_set1_ps(256.0f);
+  const __m256i limit = _mm256_set1_epi32(127);
   for (int j = 0; j < 4; ++j) {
-    qi[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
-    sum = _mm256_add_epi32(sum, qi[j]);
+    const __m256 scaled = _mm256_mul_ps(v[j], inv);
+    qi[j] = _mm256_cvtps_epi32(scaled);
+    if (lo != nullptr) {
+      const __m256 error = _mm256_sub_ps(scaled, _mm256_cvtepi32_ps(qi[j]));
+      li[j] = _mm256_cvtps_epi32(_mm256_mul_ps(error, step));
+      li[j] = _mm256_max_epi32(_mm256_min_epi32(li[j], limit), _mm256_sub_epi32(
+          _mm256_setzero_si256(), limit));
+      sum = _mm256_add_epi32(sum, _mm256_add_epi32(_mm256_slli_epi32(qi[j], 8), li[j]));
+    } else {
+      sum = _mm256_add_epi32(sum, qi[j]);
+    }
   }
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  const __m256i a = _mm256_packs_epi32(qi[0], qi[1]);
-  const __m256i b = _mm256_packs_epi32(qi[2], qi[3]);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
-                      _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order));
-  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-  *total += _mm_cvtsi128_si32(s4);
+  store_bytes32(qi, q);
+  if (lo != nullptr) store_bytes32(li, lo);
+  *total += lane_sum(sum);
   return amax;
 }
 #endif
 
-// Row r of `x` ([*, k] floats) quantised per 32 into q (kp values, zero past k), with
-// scales and scaled sums for pad8(kp / 32) blocks (zero past the last).
-inline void quantise_row32(const float* x, int64_t k, int64_t kp, int8_t* q, float* scale,
-                           float* sum) {
+// Row r of `x` ([*, k] floats) quantised per 32 into q (kp values, zero past k), and into
+// low bytes `lo` unless it is nullptr, with scales and scaled sums for pad8(kp / 32)
+// blocks (zero past the last).
+inline void quantise_row32(const float* x, int64_t k, int64_t kp, int8_t* q, int8_t* lo,
+                           float* scale, float* sum) {
   std::fill(q + k, q + kp, int8_t(0));
+  if (lo != nullptr) std::fill(lo + k, lo + kp, int8_t(0));
   const int64_t nb = kp / 32;
   std::fill(scale + nb, scale + pad8(nb), 0.0f);
   std::fill(sum + nb, sum + pad8(nb), 0.0f);
@@ -121,25 +166,32 @@ inline void quantise_row32(const float* x, int64_t k, int64_t kp, int8_t* q, flo
     int32_t total = 0;
 #if NF4_VEC_MATH
     if (k1 - k0 == 32) {
-      amax = quantise_block32(x + k0, q + k0, &total);
+      amax = quantise_block32(x + k0, q + k0, lo ? lo + k0 : nullptr, &total);
     } else
 #endif
     {
       for (int64_t i = k0; i < k1; ++i) amax = std::max(amax, std::fabs(x[i]));
       const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
       for (int64_t i = k0; i < k1; ++i) {
-        q[i] = int8_t(std::nearbyint(x[i] * inv));
-        total += q[i];
+        const float scaled = x[i] * inv;
+        q[i] = int8_t(std::nearbyint(scaled));
+        if (lo != nullptr) {
+          lo[i] = int8_t(std::clamp(std::nearbyint((scaled - float(q[i])) * 256.0f),
+                                    -127.0f, 127.0f));
+          total += q[i] * 256 + lo[i];
+        } else {
+          total += q[i];
+        }
       }
     }
-    scale[b] = amax / 127.0f;
+    scale[b] = lo != nullptr ? amax / (127.0f * 256.0f) : amax / 127.0f;
     sum[b] = scale[b] * float(total);
   }
 }
 
 // Dot products of weight rows [0, n_rows) of `w` with MR activation rows starting at r0:
 // dots[n * MR + r] (four floats of room needed past the last row, as tile_dots).
-template <Native F, typename S, int MR>
+template <Native F, typename S, int MR, bool Fine>
 void native_dots(const NativeView<S>& w, int64_t n_rows, const QuantRows& xq, int64_t r0,
                  float* dots) {
   constexpr int64_t G = group_size<F>();
@@ -152,6 +204,7 @@ void native_dots(const NativeView<S>& w, int64_t n_rows, const QuantRows& xq, in
 #if NF4_VEC_MATH
   const __m256i low_mask = _mm256_set1_epi8(0x0F);
   const int8_t* xrow = xq.q.data() + r0 * kp;
+  const int8_t* xrow_lo = Fine ? xq.q_lo.data() + r0 * kp : nullptr;
   for (int64_t n = 0; n < n_rows; ++n) {
     const uint8_t* wn = w.codes + n * row_bytes;
     const S* sn = w.scales + n * ngp;
@@ -201,8 +254,20 @@ void native_dots(const NativeView<S>& w, int64_t n_rows, const QuantRows& xq, in
         x0 = _mm256_sign_epi8(x0, w0);
         x1 = _mm256_sign_epi8(x1, w1);
       }
-      const __m256 s0 = _mm256_cvtepi32_ps(dot_u8s8(lo, x0));
-      const __m256 s1 = _mm256_cvtepi32_ps(dot_u8s8(hi, x1));
+      __m256i i0 = dot_u8s8(lo, x0), i1 = dot_u8s8(hi, x1);
+      if constexpr (Fine) {  // (q . hi) * 256 + (q . lo)
+        const int8_t* xl = xrow_lo + r * kp + b * 64;
+        __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xl));
+        __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xl + 32));
+        if constexpr (F != Native::kU4) {
+          l0 = _mm256_sign_epi8(l0, w0);
+          l1 = _mm256_sign_epi8(l1, w1);
+        }
+        i0 = dot_u8s8_add(_mm256_slli_epi32(i0, 8), lo, l0);
+        i1 = dot_u8s8_add(_mm256_slli_epi32(i1, 8), hi, l1);
+      }
+      const __m256 s0 = _mm256_cvtepi32_ps(i0);
+      const __m256 s1 = _mm256_cvtepi32_ps(i1);
       if constexpr (G == 32) {
         acc = _mm256_fmadd_ps(s0, _mm256_broadcast_ss(&d[r][2 * b]), acc);
         return _mm256_fmadd_ps(s1, _mm256_broadcast_ss(&d[r][2 * b + 1]), acc);
@@ -253,6 +318,7 @@ void native_dots(const NativeView<S>& w, int64_t n_rows, const QuantRows& xq, in
     const S* on = w.offsets ? w.offsets + n * n32p : nullptr;
     for (int r = 0; r < MR; ++r) {
       const int8_t* xr = xq.q.data() + (r0 + r) * kp;
+      const int8_t* xl = Fine ? xq.q_lo.data() + (r0 + r) * kp : nullptr;
       const float* xs = xq.scale.data() + (r0 + r) * n32p;
       const float* sums = xq.excess.data() + (r0 + r) * n32p;
       float total = 0.0f;
@@ -270,7 +336,7 @@ void native_dots(const NativeView<S>& w, int64_t n_rows, const QuantRows& xq, in
           } else {
             q = reinterpret_cast<const int8_t*>(wn)[i];
           }
-          dot += q * xr[i];
+          dot += q * (Fine ? xr[i] * 256 + xl[i] : xr[i]);
         }
         total += float(dot) * (to_float(sn[g]) * xs[g * G / 32]);
       }

@@ -337,6 +337,9 @@ struct Weight {
   bool half;            // native scales and offsets are float16 (else float32)
   const float* bias;    // nullptr for none
   int64_t rows, kp;
+  // Native only: activation passes, 1 (int8) or 2 (int8 and its rounding error, a 16-bit
+  // value in two bytes; see native_tiles.h).
+  int passes = 1;
 };
 
 bool is_native(Kind k) { return k == Kind::kU4 || k == Kind::kI8 || k == Kind::kI8x16; }
@@ -358,7 +361,7 @@ void legacy_tile(const Weight& w, int64_t n0, int64_t n, const QuantRows& xq, in
                    static_cast<const at::Half*>(w.scales) + n0 * nb, n, xq, r0, w.kp, dots);
 }
 
-template <nf4::Native F, typename S, int MR>
+template <nf4::Native F, typename S, int MR, bool Fine>
 void native_tile(const Weight& w, int64_t n0, int64_t n, const QuantRows& xq, int64_t r0,
                  float* dots) {
   const int64_t n32p = nf4::pad8(w.kp / 32);
@@ -366,7 +369,7 @@ void native_tile(const Weight& w, int64_t n0, int64_t n, const QuantRows& xq, in
       w.codes + n0 * nf4::native_row_bytes<F>(w.kp),
       static_cast<const S*>(w.scales) + n0 * nf4::pad8(w.kp / nf4::group_size<F>()),
       w.offsets ? static_cast<const S*>(w.offsets) + n0 * n32p : nullptr, w.kp};
-  nf4::native_dots<F, S, MR>(view, n, xq, r0, dots);
+  nf4::native_dots<F, S, MR, Fine>(view, n, xq, r0, dots);
 }
 
 template <Format F>
@@ -375,15 +378,20 @@ constexpr Tile kLegacyTiles[kMaxRows + 1] = {
     legacy_tile<F, 4>, legacy_tile<F, 5>, legacy_tile<F, 6>, legacy_tile<F, 7>,
     legacy_tile<F, 8>};
 
-template <nf4::Native F, typename S>
+template <nf4::Native F, typename S, bool Fine>
 constexpr Tile kNativeTiles[kMaxRows + 1] = {
-    nullptr,                 native_tile<F, S, 1>, native_tile<F, S, 2>,
-    native_tile<F, S, 3>,    native_tile<F, S, 4>, native_tile<F, S, 5>,
-    native_tile<F, S, 6>,    native_tile<F, S, 7>, native_tile<F, S, 8>};
+    nullptr,                       native_tile<F, S, 1, Fine>, native_tile<F, S, 2, Fine>,
+    native_tile<F, S, 3, Fine>,    native_tile<F, S, 4, Fine>, native_tile<F, S, 5, Fine>,
+    native_tile<F, S, 6, Fine>,    native_tile<F, S, 7, Fine>, native_tile<F, S, 8, Fine>};
+
+template <nf4::Native F, bool Fine>
+Tile native_tile_for(const Weight& w, int rows) {
+  return w.half ? kNativeTiles<F, at::Half, Fine>[rows] : kNativeTiles<F, float, Fine>[rows];
+}
 
 template <nf4::Native F>
 Tile native_tile_for(const Weight& w, int rows) {
-  return w.half ? kNativeTiles<F, at::Half>[rows] : kNativeTiles<F, float>[rows];
+  return w.passes == 2 ? native_tile_for<F, true>(w, rows) : native_tile_for<F, false>(w, rows);
 }
 
 Tile tile_for(const Weight& w, int rows) {
@@ -451,7 +459,9 @@ at::Tensor float_bias(const c10::optional<at::Tensor>& bias, int64_t rows) {
 
 // The weight's tensors checked against its layout; `offsets` undefined for none.
 Weight checked(Kind kind, const at::Tensor& qweight, const at::Tensor& scales,
-               const at::Tensor& offsets, const at::Tensor& bias) {
+               const at::Tensor& offsets, const at::Tensor& bias, int64_t passes = 1) {
+  TORCH_CHECK(passes == 1 || (passes == 2 && is_native(kind)),
+              "activations take one pass, or two for the native layouts; not ", passes);
   const bool packed = kind == Kind::kNF4 || kind == Kind::kU4;
   TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() &&
                   qweight.dtype() == (packed ? at::kByte : at::kChar),
@@ -482,21 +492,25 @@ Weight checked(Kind kind, const at::Tensor& qweight, const at::Tensor& scales,
   }
   return {kind, static_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr(),
           offsets.defined() ? offsets.data_ptr() : nullptr, half,
-          bias.defined() ? bias.data_ptr<float>() : nullptr, rows, kp};
+          bias.defined() ? bias.data_ptr<float>() : nullptr, rows, kp, int(passes)};
 }
 
-// Activations for a native weight: int8 per 32 values, scales and scaled sums.
-void quantise_rows32(const float* x, int64_t m, int64_t k, int64_t kp, QuantRows& out) {
+// Activations for a native weight: int8 per 32 values (and with two passes their
+// rounding error in q_lo), scales and scaled sums.
+void quantise_rows32(const float* x, int64_t m, int64_t k, int64_t kp, int passes,
+                     QuantRows& out) {
   const int64_t nbp = nf4::pad8(kp / 32);
   out.q.resize(m * kp);
+  out.q_lo.resize(passes == 2 ? m * kp : 0);
   out.scale.resize(m * nbp);
   out.excess.resize(m * nbp);
   constexpr int64_t kRowsPerChunk = 16;
   pool().run((m + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t chunk) {
     const int64_t end = std::min(m, (chunk + 1) * kRowsPerChunk);
     for (int64_t r = chunk * kRowsPerChunk; r < end; ++r) {
-      nf4::quantise_row32(x + r * k, k, kp, out.q.data() + r * kp, out.scale.data() + r * nbp,
-                          out.excess.data() + r * nbp);
+      nf4::quantise_row32(x + r * k, k, kp, out.q.data() + r * kp,
+                          passes == 2 ? out.q_lo.data() + r * kp : nullptr,
+                          out.scale.data() + r * nbp, out.excess.data() + r * nbp);
     }
   });
 }
@@ -524,7 +538,7 @@ void linear_rows(const Weight& w, const float* x, int64_t m, int64_t k, bool swi
   thread_local QuantRows buffers;
   QuantRows& xq = buffers;
   if (is_native(w.kind)) {
-    quantise_rows32(x, m, k, kp, xq);
+    quantise_rows32(x, m, k, kp, w.passes, xq);
   } else {
     quantise_rows(x, m, k, kp, w.kind == Kind::kNF4, xq);
   }
@@ -564,11 +578,11 @@ at::Tensor forward(const at::Tensor& x, const Weight& w, bool swiglu) {
 at::Tensor kind_forward(Kind kind, const at::Tensor& qweight, const at::Tensor& scales,
                         const c10::optional<at::Tensor>& offsets,
                         const c10::optional<at::Tensor>& bias, const at::Tensor& x,
-                        bool swiglu) {
+                        bool swiglu, int64_t passes = 1) {
   const at::Tensor bias_f = float_bias(bias, qweight.size(0));
   const at::Tensor offs =
       offsets.has_value() && offsets->numel() ? *offsets : at::Tensor();
-  return forward(x, checked(kind, qweight, scales, offs, bias_f), swiglu);
+  return forward(x, checked(kind, qweight, scales, offs, bias_f, passes), swiglu);
 }
 
 // Arguments put the weight first so Python can bind them once (functools.partial).
@@ -587,12 +601,14 @@ at::Tensor nf4_swiglu(const at::Tensor& qweight, const at::Tensor& scales,
   return kind_forward(Kind::kNF4, qweight, scales, c10::nullopt, bias, x, true);
 }
 
-// Any layout by its number (Kind): the native formats' entry point.
-at::Tensor weight_linear(int64_t kind, bool swiglu, const at::Tensor& qweight,
+// Any layout by its number (Kind), with its activations' passes: the native formats'
+// entry point.
+at::Tensor weight_linear(int64_t kind, bool swiglu, int64_t passes, const at::Tensor& qweight,
                          const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
                          const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
   TORCH_CHECK(kind >= 0 && kind <= 4, "unknown weight layout ", kind);
-  return kind_forward(static_cast<Kind>(kind), qweight, scales, offsets, bias, x, swiglu);
+  return kind_forward(static_cast<Kind>(kind), qweight, scales, offsets, bias, x, swiglu,
+                      passes);
 }
 
 // op[r] = xp[r] / rms(xp[r]) * wp for m rows of d floats (sums of squares in double).
@@ -640,8 +656,10 @@ at::Tensor token_attention(const at::Tensor& qkv, at::Tensor& k_cache, at::Tenso
 // tensor op (an allocation, a dtype check, an add) cost a few microseconds, ~30 a layer.
 // `w` holds norm1, wqkv (qweight, scales, offsets), wo (the same three), norm2, w13
 // (three), w2 (three), with an undefined tensor for absent offsets; `kinds` gives each
-// linear's layout (Kind). Weights come first so Python can bind them once.
+// linear's layout (Kind) and `passes` its activations' passes. Weights come first so
+// Python can bind them once.
 at::Tensor block_forward(const std::vector<at::Tensor>& w, const std::vector<int64_t>& kinds,
+                         const std::vector<int64_t>& passes,
                          const c10::optional<at::Tensor>& qkv_bias, double eps,
                          const at::Tensor& x, at::Tensor& k_cache, at::Tensor& v_cache,
                          int64_t layer, const at::Tensor& slots, const at::Tensor& positions,
@@ -650,6 +668,7 @@ at::Tensor block_forward(const std::vector<at::Tensor>& w, const std::vector<int
   TORCH_CHECK(w.size() == 14, "block_forward takes 14 weight tensors, not ", w.size());
   TORCH_CHECK(kinds.size() == 4, "block_forward takes 4 weight layouts, not ", kinds.size());
   for (int64_t k : kinds) TORCH_CHECK(k >= 0 && k <= 4, "unknown weight layout ", k);
+  TORCH_CHECK(passes.size() == 4, "block_forward takes 4 pass counts, not ", passes.size());
   const int64_t m = slots.numel();
   const at::Tensor rows = x.reshape({m, -1}).to(at::kFloat).contiguous();
   const int64_t dim = rows.size(1);
@@ -662,7 +681,7 @@ at::Tensor block_forward(const std::vector<at::Tensor>& w, const std::vector<int
   auto linear = [&](int slot, int first, const at::Tensor& bias) {
     const at::Tensor& offsets = w[first + 2];  // an empty tensor for none
     return checked(static_cast<Kind>(kinds[slot]), w[first], w[first + 1],
-                   offsets.numel() ? offsets : none, bias);
+                   offsets.numel() ? offsets : none, bias, passes[slot]);
   };
   const Weight wqkv = linear(0, 1, bias_f);
   const Weight wo = linear(1, 4, none);
