@@ -63,14 +63,6 @@ class NativeWeight:
     def padded_k(self) -> int:
         return self.qweight.shape[1] * (2 if self.layout == "u4" else 1)
 
-    @property
-    def out_features(self) -> int:
-        return self.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.shape[1]
-
     def tensors(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if isinstance(getattr(self, f.name), Tensor)}

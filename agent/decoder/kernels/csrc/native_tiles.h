@@ -93,7 +93,23 @@ inline __m256i dot_u8s8_add(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
-// Eight int32 lanes x 4 -> 32 int8 in order (the packs saturate).
+// Loads N * 8 floats into v and returns their largest magnitude.
+template <int N>
+inline float load_abs_max(const float* x, __m256* v) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 top = _mm256_setzero_ps();
+  for (int j = 0; j < N; ++j) {
+    v[j] = _mm256_loadu_ps(x + 8 * j);
+    top = _mm256_max_ps(top, _mm256_and_ps(v[j], abs_mask));
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
+// Eight int32 lanes x 4 -> 32 int8 in order (the packs saturate). Two packs work within
+// 128-bit lanes; the dword permutation puts the bytes in order.
 inline void store_bytes32(const __m256i* qi, int8_t* q) {
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   const __m256i a = _mm256_packs_epi32(qi[0], qi[1]);
@@ -113,17 +129,8 @@ inline int32_t lane_sum(__m256i v) {
 // rounds); with `lo`, also lo = clamp(round((x * 127 / amax - q) * 256), +-127). Returns
 // amax and adds the values' sum (hi * 256 + lo with `lo`) to `total`.
 inline float quantise_block32(const float* x, int8_t* q, int8_t* lo, int32_t* total) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   __m256 v[4];
-  __m256 top = _mm256_setzero_ps();
-  for (int j = 0; j < 4; ++j) {
-    v[j] = _mm256_loadu_ps(x + 8 * j);
-    top = _mm256_max_ps(top, _mm256_and_ps(v[j], abs_mask));
-  }
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_max_ss(h, _mm_movehdup_ps(h));
-  const float amax = _mm_cvtss_f32(h);
+  const float amax = load_abs_max<4>(x, v);
   const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
   __m256i qi[4], li[4];
   __m256i sum = _mm256_setzero_si256();
@@ -247,24 +254,18 @@ void native_dots(const NativeView<S>& w, int64_t n_rows, const QuantRows& xq, in
     // (int8 layouts only).
     auto step = [&](__m256 acc, int r, int64_t b, __m256i lo, __m256i hi, __m256i w0,
                     __m256i w1) __attribute__((always_inline)) {
-      const int8_t* xb = xrow + r * kp + b * 64;
-      __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
-      __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32));
-      if constexpr (F != Native::kU4) {
-        x0 = _mm256_sign_epi8(x0, w0);
-        x1 = _mm256_sign_epi8(x1, w1);
-      }
-      __m256i i0 = dot_u8s8(lo, x0), i1 = dot_u8s8(hi, x1);
+      // 32 activation bytes at p, carrying the weights' signs for the int8 layouts.
+      auto signed_x = [&](const int8_t* p, __m256i w) __attribute__((always_inline)) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        if constexpr (F != Native::kU4) return _mm256_sign_epi8(x, w);
+        return x;
+      };
+      const int64_t at = r * kp + b * 64;
+      __m256i i0 = dot_u8s8(lo, signed_x(xrow + at, w0));
+      __m256i i1 = dot_u8s8(hi, signed_x(xrow + at + 32, w1));
       if constexpr (Fine) {  // (q . hi) * 256 + (q . lo)
-        const int8_t* xl = xrow_lo + r * kp + b * 64;
-        __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xl));
-        __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xl + 32));
-        if constexpr (F != Native::kU4) {
-          l0 = _mm256_sign_epi8(l0, w0);
-          l1 = _mm256_sign_epi8(l1, w1);
-        }
-        i0 = dot_u8s8_add(_mm256_slli_epi32(i0, 8), lo, l0);
-        i1 = dot_u8s8_add(_mm256_slli_epi32(i1, 8), hi, l1);
+        i0 = dot_u8s8_add(_mm256_slli_epi32(i0, 8), lo, signed_x(xrow_lo + at, w0));
+        i1 = dot_u8s8_add(_mm256_slli_epi32(i1, 8), hi, signed_x(xrow_lo + at + 32, w1));
       }
       const __m256 s0 = _mm256_cvtepi32_ps(i0);
       const __m256 s1 = _mm256_cvtepi32_ps(i1);

@@ -93,17 +93,8 @@ using nf4::QuantRows;  // activations quantised per row and block (native_tiles.
 // scalar loop in a fraction of the instructions (a decode step quantises every linear's
 // input, at up to 16 rows on one thread).
 inline float quantise_block(const float* x, int8_t* q, int32_t* total) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   __m256 v[8];
-  __m256 top = _mm256_setzero_ps();
-  for (int j = 0; j < 8; ++j) {
-    v[j] = _mm256_loadu_ps(x + 8 * j);
-    top = _mm256_max_ps(top, _mm256_and_ps(v[j], abs_mask));
-  }
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_max_ss(h, _mm_movehdup_ps(h));
-  const float amax = _mm_cvtss_f32(h);
+  const float amax = nf4::load_abs_max<8>(x, v);
   const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
   __m256i qi[8];
   __m256i sum = _mm256_setzero_si256();
@@ -111,18 +102,9 @@ inline float quantise_block(const float* x, int8_t* q, int32_t* total) {
     qi[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
     sum = _mm256_add_epi32(sum, qi[j]);
   }
-  // Two packs work within 128-bit lanes; the dword permutation puts the bytes in order.
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  for (int half = 0; half < 2; ++half) {
-    const __m256i a = _mm256_packs_epi32(qi[4 * half], qi[4 * half + 1]);
-    const __m256i b = _mm256_packs_epi32(qi[4 * half + 2], qi[4 * half + 3]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * half),
-                        _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order));
-  }
-  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-  *total += _mm_cvtsi128_si32(s4);
+  nf4::store_bytes32(qi, q);
+  nf4::store_bytes32(qi + 4, q + 32);
+  *total += nf4::lane_sum(sum);
   return amax;
 }
 #endif
