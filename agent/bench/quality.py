@@ -6,8 +6,10 @@ endpoint renders a text request — the system message and the user message thro
 model's chat template — and answered greedily (temperature 0) by:
 
     PyTorch fp32         the dequantised GGUF weights in nn.Linear: the ground truth
-    <backend> / <format> Parley's kernels on each weights format (`llm_weights`): the
-                         default first (native for a quantised GGUF), then nf4 and q8
+    <backend> / <format> × <activations>
+                         Parley's kernels: the default first (native weights for a
+                         quantised GGUF, int8x2 activations), the native weights with the
+                         other activations, then nf4 and q8
     llama.cpp            llama-cpp-python on the same GGUF and the same prompt ids, when
                          installed (a bench-only extra)
 

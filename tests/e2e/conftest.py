@@ -28,7 +28,7 @@ def server(tmp_path_factory) -> str:
     """Base URL of a server with warm engines, its own store and a known API key."""
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    # The decoder runs its default configuration (backend and weights format), so these
+    # The decoder runs its default configuration (backend, weights, activations), so these
     # tests hear the answers a user hears.
     env = dict(os.environ, PARLEY_API_KEYS=API_KEY, PARLEY_MAX_AUDIO_SECONDS="60",
                # Same text, same audio: whether Whisper hears a reply right must not hinge

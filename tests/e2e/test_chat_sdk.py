@@ -243,6 +243,7 @@ def test_healthz_says_the_default_model_runs_its_own_quantised_weights(server):
     stats = httpx.get(server + "/healthz").json()["decoder"]["smollm2"]
     assert stats["backend"] == "cpu"
     assert stats["weights"] == "native (Q4_1, Q8_0)"  # the GGUF's blocks, not re-quantised
+    assert stats["activations"] == "int8x2"  # fp32's answers, "Paris" among them
 
 
 def test_disconnect_cancels_generation(server):

@@ -42,8 +42,8 @@ from agent.errors import ConfigError
 
 BACKENDS = ("reference", "cpu", "triton")
 # How the CPU kernels take activations for the GGUF file's own weights (native): "int8x2"
-# quantises each 32 values to int8 and then their rounding error again, two rows through
-# one tile (about fifteen bits, answers as fp32's); "int8" once, as llama.cpp does.
+# quantises each 32 values to int8 and their rounding error to a second byte, one 16-bit
+# value dotted in two passes (answers as fp32's); "int8" once, as llama.cpp does.
 ACTIVATIONS = ("int8x2", "int8")
 
 

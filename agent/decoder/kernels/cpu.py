@@ -167,7 +167,7 @@ class CpuBackend:
 
             cache_dir = load_settings().cache_dir
         self._ext = load_extension(cache_dir, build_wait_s) if native else None
-        # Activation rows per input row for native weights (see kernels/__init__.py).
+        # Bytes per activation value for native weights, 2 for int8x2 (kernels/__init__.py).
         self.activations = activations
         self._passes = 2 if activations == "int8x2" else 1
         # torch's count before anyone lowers it: the cores it may use (or OMP_NUM_THREADS).
