@@ -52,6 +52,9 @@ class Settings:
     # how the CPU kernels take activations for native weights: int8x2 (int8 and its
     # rounding error: fp32's answers) | int8 (once, as llama.cpp: faster prefill)
     llm_activations: str = "int8x2"
+    # NF4 scales stored double-quantised (8-bit codes of per-group float ranges, QLoRA's
+    # scheme) in the NF4 cache; the CPU kernels expand them to float16 when they load
+    llm_nf4_double_quant: bool = False
     llm_streams: int = 8                # concurrent decode streams (KV-cache slots)
     llm_threads: int = 0                # NF4 CPU kernel threads; 0: torch's count (the cores)
     max_output_tokens: int = 512        # default cap on a reply when a request names none

@@ -44,3 +44,24 @@ def fixture_json(name: str) -> Any:
     if not path.is_file():
         pytest.skip(f"fixture {name} not generated yet (see tests/fixtures/*.py)")
     return json.loads(path.read_text())
+
+
+# llama.cpp's ids: tokenizer_*.json (special=True, tests/fixtures/make_tokenizer_fixtures.py)
+# and the special=False strings in llama_cpp_logits_*.json (make_llama_cpp_logits.py).
+FIXTURE_FILES = {"smollm2": "tokenizer_smollm2.json", "qwen2.5-coder-0.5b": "tokenizer_qwen2.json"}
+
+
+def llama_cpp_token_cases(name: str) -> list[dict]:
+    """Strings with the ids llama.cpp gives them, and whether special tokens are parsed."""
+    cases = []
+    path = FIXTURES / FIXTURE_FILES[name]
+    if path.is_file():
+        cases += [{**c, "special": c.get("special", True)} for c in json.loads(path.read_text())]
+    logits = FIXTURES / f"llama_cpp_logits_{name}.json"
+    if logits.is_file():
+        data = json.loads(logits.read_text())
+        cases += [{**c, "special": False} for c in data.get("plain_tokenization", [])]
+        cases += [{"text": c["text"], "ids": c["ids"], "special": True} for c in data["cases"]]
+    if not cases:
+        pytest.skip(f"no llama.cpp tokenizer fixtures for {name} yet")
+    return cases

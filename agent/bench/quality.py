@@ -170,12 +170,11 @@ def render(results: list[Result], header: str) -> str:
 def _configurations(settings: Settings, path: Path) -> list[Settings]:
     """What to measure after fp32: the default for this file first, then its weights with
     the other activations where they apply (native), then every other weight format."""
-    from agent.decoder.gguf_loader import read_header
+    from agent.decoder.engine import source_tensor_types
     from agent.decoder.kernels import ACTIVATIONS
     from agent.decoder.quantize import WEIGHT_FORMATS, resolve_weights
 
-    _, infos = read_header(path)
-    default = resolve_weights(settings.llm_weights, {i.name: i.qtype.name for i in infos})
+    default = resolve_weights(settings.llm_weights, source_tensor_types(path))
     others = [replace(settings, llm_activations=a) for a in ACTIVATIONS
               if a != settings.llm_activations] if default == "native" else []
     return [settings, *others,
@@ -194,7 +193,8 @@ def bench_quality(settings: Settings, args: argparse.Namespace) -> int:
     fp32 = load_engine(model_name, settings=settings, backend="fp32", progress=False)
     tokenizer, path = fp32.tokenizer, fp32.path
     prompts = [fp32.encode_prompt(p) for p in AGREEMENT_PROMPTS]
-    results = [_measure("PyTorch fp32 (dequantised GGUF)", _parley_greedy(fp32), tokenizer,
+    source = "checkpoint" if path.is_dir() else "dequantised GGUF"
+    results = [_measure(f"PyTorch fp32 ({source})", _parley_greedy(fp32), tokenizer,
                         None, None, prompts)]
     reference = results[0].continuations
     margins = [_fp32_margins(fp32, p, c) for p, c in zip(prompts, reference, strict=True)]
@@ -215,10 +215,14 @@ def bench_quality(settings: Settings, args: argparse.Namespace) -> int:
         gc.collect()
         torch.set_num_threads(threads)
 
-    llama = _llama_result(path, tokenizer, reference, margins, prompts, threads)
+    llama = (None if path.is_dir() else
+             _llama_result(path, tokenizer, reference, margins, prompts, threads))
     if llama is not None:
         results.append(llama)
         _report(llama)
+    elif path.is_dir():
+        print("  llama.cpp: it reads GGUF files, not checkpoint folders; no comparison row",
+              flush=True)
     else:
         print("  llama.cpp: llama-cpp-python is not installed; no comparison row", flush=True)
 

@@ -1,4 +1,5 @@
-"""Load a language model by name or path: GGUF -> tokenizer + model with NF4 kernels.
+"""Load a language model by name or path (a GGUF file or a Hugging Face checkpoint folder)
+into a tokenizer and a model on the decoder's kernels.
 
     engine = load_engine("smollm2", settings=settings, backend="auto")
 
@@ -8,8 +9,10 @@
                  kernels want CUDA activations, see agent/decoder/kernels/__init__.py)
     "fp32"       no quantisation: the dequantised GGUF weights in nn.Linear (ground truth)
 
-The NF4 weights are cached in the model cache (quantize.py keys the file by the GGUF's
-sha256); with a cache present the GGUF's linear matrices are not even dequantised.
+The weights format (`llm_weights`) is explicit too: "auto" runs a quantised GGUF's own
+blocks and quantises 16-bit weights (an F16/BF16 GGUF, a safetensors checkpoint) to NF4.
+NF4 weights are cached in the model cache (quantize.py keys them by the source's sha256);
+with a cache present the linear matrices are not even read.
 
 Prompt fitting lives here too: when a conversation outgrows the context, the system
 message stays and the oldest turns go, at message level, before tokenising.
@@ -29,6 +32,7 @@ import torch
 from agent import assets
 from agent.config import Settings, load_settings
 from agent.decoder.gguf_loader import load_gguf, read_header
+from agent.decoder.hf_loader import is_checkpoint_folder, load_hf_tensors, read_hf_header
 from agent.decoder.model import ModelArgs, Transformer, build_model, is_linear_tensor
 from agent.decoder.tokenizer import Tokenizer
 from agent.errors import ConfigError, InvalidRequestError
@@ -114,7 +118,7 @@ def _turns(messages: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 
 def resolve_model_path(model: str | Path, settings: Settings) -> tuple[str, Path]:
-    """(display name, GGUF path) for a bundled model name or a .gguf path."""
+    """(display name, path) for a bundled model name, a .gguf path or a checkpoint folder."""
     name = str(model)
     if name in assets.MODELS:
         if assets.MODELS[name].role != "llm":
@@ -123,11 +127,14 @@ def resolve_model_path(model: str | Path, settings: Settings) -> tuple[str, Path
     path = Path(name).expanduser()
     if path.is_file():
         return path.stem, path
+    if is_checkpoint_folder(path):
+        return path.name, path
     llms = ", ".join(n for n, s in assets.MODELS.items() if s.role == "llm")
-    raise ConfigError(f"no language model {name!r}: use one of {llms} or a .gguf file path")
+    raise ConfigError(f"no language model {name!r}: use one of {llms}, a .gguf file path or "
+                      f"a Hugging Face checkpoint folder (config.json + *.safetensors)")
 
 
-def _quantise(model: Transformer, backend: str, settings: Settings, gguf: Path,
+def _quantise(model: Transformer, backend: str, settings: Settings, source: Path,
               progress: bool, weights: str, tensor_types: dict[str, str]) -> str:
     from agent.decoder.kernels import auto_backend_name, get_backend
     from agent.decoder.quantize import nf4_cache_path, quantize_model
@@ -142,18 +149,44 @@ def _quantise(model: Transformer, backend: str, settings: Settings, gguf: Path,
         threads = use_threads(settings.llm_threads)
         log.info("%s kernels on %d threads, torch on %d", name, threads,
                  torch.get_num_threads())
-    quantize_model(model, kernel, nf4_cache_path(Path(settings.cache_dir), gguf),
-                   progress=progress, weights=weights, gguf_path=gguf,
-                   tensor_types=tensor_types)
+    double_quant = settings.llm_nf4_double_quant
+    quantize_model(model, kernel,
+                   nf4_cache_path(Path(settings.cache_dir), source, double_quant=double_quant),
+                   progress=progress, weights=weights, gguf_path=source,
+                   tensor_types=tensor_types, double_quant=double_quant)
     return name
 
 
-def _nf4_cached(settings: Settings, gguf: Path) -> bool:
+TensorReader = Callable[[Callable[[str], bool] | None], dict[str, torch.Tensor]]
+
+
+def _open_source(path: Path) -> tuple[ModelArgs, Tokenizer, dict[str, str], TensorReader]:
+    """A GGUF file's or a checkpoint folder's model shape, tokenizer, tensor types (GGUF
+    names) and a reader of its float32 tensors (all but those a predicate skips)."""
+    if is_checkpoint_folder(path):
+        header = read_hf_header(path)
+        return (header.args, Tokenizer(header.vocabulary), dict(header.tensor_types),
+                lambda skip: load_hf_tensors(header, skip=skip))
+    meta, infos = read_header(path)
+    return (ModelArgs.from_gguf(meta, {i.name for i in infos}), Tokenizer.from_metadata(meta),
+            {i.name: i.qtype.name for i in infos},
+            lambda skip: load_gguf(path, skip=skip).tensors)
+
+
+def source_tensor_types(path: Path) -> dict[str, str]:
+    """Tensor name (GGUF's) -> stored type ("Q4_1", "BF16", ...) of a file or a folder."""
+    if is_checkpoint_folder(path):
+        return dict(read_hf_header(path).tensor_types)
+    return {i.name: i.qtype.name for i in read_header(path)[1]}
+
+
+def _nf4_cached(settings: Settings, source: Path) -> bool:
     try:
         from agent.decoder.quantize import nf4_cache_path
     except ImportError:
         return False
-    return nf4_cache_path(Path(settings.cache_dir), gguf).is_file()
+    return nf4_cache_path(Path(settings.cache_dir), source,
+                          double_quant=settings.llm_nf4_double_quant).is_file()
 
 
 def load_engine(model: str | Path | None = None, *, settings: Settings | None = None,
@@ -168,10 +201,7 @@ def load_engine(model: str | Path | None = None, *, settings: Settings | None = 
         raise ConfigError(f"unknown backend {backend!r}; choose {', '.join(BACKEND_CHOICES)}")
     began = time.perf_counter()
     name, path = resolve_model_path(model or settings.llm_model, settings)
-    meta, infos = read_header(path)
-    args = ModelArgs.from_gguf(meta, {i.name for i in infos})
-    tokenizer = Tokenizer.from_metadata(meta)
-    types = {i.name: i.qtype.name for i in infos}
+    args, tokenizer, types, read_tensors = _open_source(path)
     fmt = "fp32"
     skip: Callable[[str], bool] | None = None
     if backend != "fp32":
@@ -182,7 +212,7 @@ def load_engine(model: str | Path | None = None, *, settings: Settings | None = 
             skip = native_skippable(types)
         elif fmt == "nf4" and _nf4_cached(settings, path):
             skip = is_linear_tensor
-    net = build_model(args, load_gguf(path, skip=skip).tensors)
+    net = build_model(args, read_tensors(skip))
     used = "fp32"
     if backend != "fp32":
         try:
@@ -191,7 +221,7 @@ def load_engine(model: str | Path | None = None, *, settings: Settings | None = 
             if skip is None or fmt != "nf4":
                 raise
             # A stale or foreign NF4 cache: quantise afresh from the full weights.
-            net = build_model(args, load_gguf(path).tensors)
+            net = build_model(args, read_tensors(None))
             used = _quantise(net, backend, settings, path, progress, fmt, types)
     from agent.decoder.quantize import activations_format, weights_format
 

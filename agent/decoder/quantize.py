@@ -69,6 +69,8 @@ def planned_format(choice: str, tensor_types: dict[str, str]) -> str:
     if "output.weight" not in tensor_types and "token_embd.weight" in tensor_types:
         types.append(tensor_types["token_embd.weight"])  # the tied head
     readable = {q.name for q in native.LAYOUT_OF}
+    if not any(t in readable for t in types):
+        return "fp32"  # native on float weights keeps them as they are
     label = "native+fp32" if any(t not in readable for t in types) else "native"
     return f"{label} ({', '.join(sorted({t for t in types if t in readable}))})"
 
@@ -155,7 +157,12 @@ class KernelRMSNorm(nn.Module):
         return self._kernel(x, self.weight, self.eps)
 
 
-def gguf_sha256(path: Path) -> str:
+def source_sha256(path: Path) -> str:
+    """The sha256 of a GGUF file, or of a checkpoint folder's config and weights."""
+    from agent.decoder.hf_loader import folder_sha256, is_checkpoint_folder
+
+    if is_checkpoint_folder(path):
+        return folder_sha256(path)
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 22):
@@ -165,8 +172,9 @@ def gguf_sha256(path: Path) -> str:
 
 def nf4_cache_path(cache_dir: Path, gguf_path: Path, double_quant: bool = False,
                    scale_search: bool = True, head: str = "q8") -> Path:
-    """Where the NF4 weights of a GGUF file live: keyed by its sha256 and the format."""
-    sha = gguf_sha256(gguf_path)[:16]
+    """Where the NF4 weights of a GGUF file (or a checkpoint folder) live: keyed by its
+    sha256 and the format."""
+    sha = source_sha256(gguf_path)[:16]
     suffix = (("-dq" if double_quant else "") + ("-ss" if scale_search else "")
               + ("-h8" if head == "q8" else ""))
     return (Path(cache_dir) / "nf4"
@@ -224,6 +232,8 @@ def native_weights(model: nn.Module, names: list[str], gguf_path: Path,
     readable = {q.name for q in native.LAYOUT_OF}
     wanted = {n: gguf_parts(n, tied) for n in names}
     wanted = {n: p for n, p in wanted.items() if all(tensor_types.get(t) in readable for t in p)}
+    if not wanted:  # all in floats (a 16-bit GGUF, a checkpoint folder): nothing to read raw
+        return {}
     blocks = read_blocks(gguf_path, sorted({t for p in wanted.values() for t in p}))
     out = {}
     for name, parts in wanted.items():

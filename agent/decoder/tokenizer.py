@@ -1,4 +1,7 @@
-"""The GGUF's tokenizer and chat template: byte-level BPE via `tokenizers`, Jinja via jinja2.
+"""The model's tokenizer and chat template: byte-level BPE via `tokenizers`, Jinja via jinja2.
+
+A GGUF's metadata gives the vocabulary; a checkpoint folder's tokenizer.json gives it as a
+`Vocabulary` too (hf_loader.py), with its own normalizer and pre-tokenizer.
 
 Ids must equal llama.cpp's (tests/fixtures/tokenizer_*.json), so the pieces mirror what
 llama.cpp builds from the same metadata:
@@ -26,7 +29,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from agent.errors import ConfigError, InvalidRequestError
@@ -117,6 +120,10 @@ class Vocabulary:
     add_bos: bool
     chat_template: str | None
     extra_eog: tuple[int, ...] = ()
+    # A Hugging Face tokenizer.json's own pieces (hf_loader.py); a GGUF names its
+    # pre-tokenizer by `pre` and has no normalizer.
+    pre_tokenizer: pre_tokenizers.PreTokenizer | None = None
+    normalizer: normalizers.Normalizer | None = None
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> Vocabulary:
@@ -157,7 +164,9 @@ class Tokenizer:
         merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
         base = HFTokenizer(models.BPE(vocab=ids, merges=merges, fuse_unk=False,
                                       byte_fallback=False))
-        base.pre_tokenizer = _pre_tokenizer(vocab.pre)
+        base.pre_tokenizer = vocab.pre_tokenizer or _pre_tokenizer(vocab.pre)
+        if vocab.normalizer is not None:
+            base.normalizer = vocab.normalizer
         base.decoder = decoders.ByteLevel()
         control = [AddedToken(t, special=True, normalized=False)
                    for t, ty in zip(vocab.tokens, vocab.types, strict=True) if ty == CONTROL]

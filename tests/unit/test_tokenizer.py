@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from agent.decoder.gguf_loader import read_metadata
 from agent.decoder.tokenizer import Tokenizer
 from agent.errors import InvalidRequestError
-from tests.decoder_fixtures import FIXTURES, gguf_path
+from tests.decoder_fixtures import gguf_path, llama_cpp_token_cases
 
 MODELS = ("smollm2", "qwen2.5-coder-0.5b")
 
@@ -27,30 +27,10 @@ def smol() -> Tokenizer:
     return tokenizer("smollm2")
 
 
-# llama.cpp's ids: tokenizer_*.json (special=True, tests/fixtures/make_tokenizer_fixtures.py)
-# and the special=False strings in llama_cpp_logits_*.json (make_llama_cpp_logits.py).
-FIXTURE_FILES = {"smollm2": "tokenizer_smollm2.json", "qwen2.5-coder-0.5b": "tokenizer_qwen2.json"}
-
-
-def _fixture_cases(name: str) -> list[dict]:
-    cases = []
-    path = FIXTURES / FIXTURE_FILES[name]
-    if path.is_file():
-        cases += [{**c, "special": c.get("special", True)} for c in json.loads(path.read_text())]
-    logits = FIXTURES / f"llama_cpp_logits_{name}.json"
-    if logits.is_file():
-        data = json.loads(logits.read_text())
-        cases += [{**c, "special": False} for c in data.get("plain_tokenization", [])]
-        cases += [{"text": c["text"], "ids": c["ids"], "special": True} for c in data["cases"]]
-    if not cases:
-        pytest.skip(f"no llama.cpp tokenizer fixtures for {name} yet")
-    return cases
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_ids_equal_llama_cpp_on_the_fixture_strings(name):
     tok = tokenizer(name)
-    cases = _fixture_cases(name)
+    cases = llama_cpp_token_cases(name)
     assert len(cases) >= 5
     mismatches = []
     for case in cases:
