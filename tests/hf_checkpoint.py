@@ -17,29 +17,18 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from agent.decoder.gguf_loader import load_gguf
+from agent.decoder.hf_loader import GLOBAL_TENSORS, LAYER_TENSORS
 from agent.decoder.model import ModelArgs
-from agent.decoder.tokenizer import CONTROL, UNUSED, USER_DEFINED
+from agent.decoder.tokenizer import CONTROL, PRE_TOKENIZERS, UNUSED, USER_DEFINED
 
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+[_QWEN2_SPLIT] = PRE_TOKENIZERS["qwen2"]  # the regex Qwen2's tokenizer.json splits with
 
-_HF_NAMES = {"attn_norm.weight": "input_layernorm.weight",
-             "ffn_norm.weight": "post_attention_layernorm.weight",
-             "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
-             "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
-             "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
-             "attn_output.weight": "self_attn.o_proj.weight",
-             "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
-             "ffn_down.weight": "mlp.down_proj.weight"}
+_HF_NAMES = {gguf: hf for hf, gguf in (GLOBAL_TENSORS | LAYER_TENSORS).items()}
 
 
 def hf_name(name: str) -> str:
-    if name == "token_embd.weight":
-        return "model.embed_tokens.weight"
-    if name == "output_norm.weight":
-        return "model.norm.weight"
-    if name == "output.weight":
-        return "lm_head.weight"
+    if name in _HF_NAMES:
+        return _HF_NAMES[name]
     _, layer, rest = name.split(".", 2)
     return f"model.layers.{layer}.{_HF_NAMES[rest]}"
 

@@ -84,8 +84,8 @@ class TextStream:
 
     def finish(self) -> str:
         """Whatever is held back when the stream ends without a stop string."""
-        tail, _ = self._stops.push(self._decoder.flush())
-        return tail + self._stops.flush()
+        tail, stopped = self._stops.push(self._decoder.flush())
+        return tail if stopped else tail + self._stops.flush()[0]
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: Sequence[int],

@@ -36,10 +36,10 @@ from agent.errors import ConfigError
 
 FLOAT_DTYPES = {"BF16": "BF16", "F16": "F16", "F32": "F32"}  # safetensors -> GGUF type name
 
-_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight",
+GLOBAL_TENSORS = {"model.embed_tokens.weight": "token_embd.weight",
            "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
-_LAYER = {"input_layernorm.weight": "attn_norm.weight",
+LAYER_TENSORS = {"input_layernorm.weight": "attn_norm.weight",
           "post_attention_layernorm.weight": "ffn_norm.weight",
           "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
           "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
@@ -47,7 +47,7 @@ _LAYER = {"input_layernorm.weight": "attn_norm.weight",
           "self_attn.o_proj.weight": "attn_output.weight",
           "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
           "mlp.down_proj.weight": "ffn_down.weight"}
-_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_LAYER_NAME_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # Buffers some exporters save that the model recomputes.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -68,13 +68,13 @@ class HFHeader:
 
 def gguf_name(hf_name: str) -> str | None:
     """The GGUF tensor name of a Hugging Face one; None for buffers the model recomputes."""
-    if hf_name in _GLOBAL:
-        return _GLOBAL[hf_name]
+    if hf_name in GLOBAL_TENSORS:
+        return GLOBAL_TENSORS[hf_name]
     if _IGNORED.match(hf_name):
         return None
-    match = _LAYER_NAME.fullmatch(hf_name)
-    if match and match.group(2) in _LAYER:
-        return f"blk.{match.group(1)}.{_LAYER[match.group(2)]}"
+    match = _LAYER_NAME_RE.fullmatch(hf_name)
+    if match and match.group(2) in LAYER_TENSORS:
+        return f"blk.{match.group(1)}.{LAYER_TENSORS[match.group(2)]}"
     raise ConfigError(f"unexpected tensor {hf_name!r}: not a Llama/Qwen2 decoder weight")
 
 

@@ -129,24 +129,37 @@ class StopMatcher:
         self._held = ""
 
     def push(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, whether a stop string was found)."""
+        """Returns (text safe to emit, whether a stop string was found).
+
+        A stop found in the text is final only when no other stop that would start earlier
+        is still incomplete at its end: the whole text's earliest stop wins, however it was
+        cut into pieces.
+        """
         if not self.stops:
             return text, False
         buf = self._held + text
         hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
+        first = min(hits) if hits else len(buf)
+        pending = self._earliest_partial(buf, first)
+        if hits and pending is None:
             self._held = ""
-            return buf[:min(hits)], True
-        keep = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(buf)), keep, -1):
-                if buf.endswith(stop[:n]):
-                    keep = n
-                    break
-        self._held = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep], False
+            return buf[:first], True
+        cut = len(buf) if pending is None else pending
+        self._held = buf[cut:]
+        return buf[:cut], False
 
-    def flush(self) -> str:
-        """Held text at the end of the stream (it turned out not to be a stop)."""
+    def flush(self) -> tuple[str, bool]:
+        """Held text at the end of the stream, cut at a stop it holds (and whether it did)."""
         held, self._held = self._held, ""
-        return held
+        hits = [i for i in (held.find(s) for s in self.stops) if i >= 0]
+        return (held[:min(hits)], True) if hits else (held, False)
+
+    def _earliest_partial(self, buf: str, before: int) -> int | None:
+        """The first position before `before` from which the rest of `buf` is a proper
+        prefix of some stop string (a stop that may still complete), if any."""
+        longest = max(len(s) for s in self.stops)
+        for p in range(max(0, len(buf) - longest + 1), before):
+            rest = buf[p:]
+            if any(len(s) > len(rest) and s.startswith(rest) for s in self.stops):
+                return p
+        return None

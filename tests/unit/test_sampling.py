@@ -120,8 +120,9 @@ def _stream(matcher: StopMatcher, chunks: list[str]) -> tuple[list[str], bool]:
         out.append(text)
         if stopped:
             return out, True
-    out.append(matcher.flush())
-    return out, False
+    tail, stopped = matcher.flush()
+    out.append(tail)
+    return out, stopped
 
 
 def test_stop_string_split_across_chunks_never_leaks():
@@ -133,6 +134,15 @@ def test_stop_string_split_across_chunks_never_leaks():
 def test_held_text_that_is_not_a_stop_comes_out():
     out, stopped = _stream(StopMatcher(["STOP"]), ["ST", "ill going ST", "ar"])
     assert not stopped and "".join(out) == "STill going STar"
+
+
+def test_a_stop_that_starts_earlier_wins_even_when_a_shorter_one_completes_first():
+    # Found by the property below: "b" completes in the first piece, but "abX", which
+    # starts one character earlier, completes in the next.
+    out, stopped = _stream(StopMatcher(["abX", "Yb", "b"]), ["cab", "Xb", "Yb"])
+    assert stopped and "".join(out) == "c"
+    out, stopped = _stream(StopMatcher(["abX", "b"]), ["cab"])  # "abX" never completes
+    assert stopped and "".join(out) == "ca"
 
 
 @settings(max_examples=300, deadline=None)
