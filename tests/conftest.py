@@ -9,6 +9,13 @@ import pytest
 # Two cores: keep BLAS/ONNX/torch from oversubscribing when tests run.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+import torch
+
+# Without CUDA the Triton kernels run in Triton's interpreter, on CPU tensors: set before
+# any kernel module is imported (it is read when a kernel is decorated).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from agent.config import Settings, load_settings
 
 

@@ -11,7 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
 
 from agent import assets
 from agent.config import load_settings
@@ -19,6 +23,11 @@ from agent.decoder.engine import Engine, load_engine
 from agent.errors import ModelMissingError
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# Block types with a per-block minimum (an offset) besides the scale.
+WITH_MIN = (Q.Q4_1, Q.Q5_1, Q.Q4_K, Q.Q5_K)
+# Where the Triton kernels' tests run: CUDA when there is one, else the interpreter on the
+# CPU (tests/conftest.py sets TRITON_INTERPRET=1 then).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -65,3 +74,22 @@ def llama_cpp_token_cases(name: str) -> list[dict]:
     if not cases:
         pytest.skip(f"no llama.cpp tokenizer fixtures for {name} yet")
     return cases
+
+
+def random_blocks(qtype: Q, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Valid blocks: random bytes, with finite float16 factors of a weight's size."""
+    rng = np.random.default_rng(seed)
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+
+    def half() -> np.ndarray:
+        values = rng.uniform(-0.05, 0.05, (n, k // block)).astype(np.float16)
+        return values.view(np.uint8).reshape(n, k // block, 2)
+
+    if qtype == Q.Q6_K:
+        raw[..., 208:210] = half()
+    else:
+        raw[..., 0:2] = half()
+        if qtype in WITH_MIN:
+            raw[..., 2:4] = half()
+    return raw.reshape(n, -1)

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from agent.decoder import nf4
 from agent.decoder.kernels.reference import reference_linear
-from agent.decoder.kernels.triton_nf4 import Strategy, TritonBackend
+from agent.decoder.kernels.triton_backend import TritonBackend
+from agent.decoder.kernels.triton_nf4 import Strategy
 
 DECODE_ROWS = (1, 16)
 PREFILL_ROWS = (512, 2048)

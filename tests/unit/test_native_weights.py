@@ -23,9 +23,9 @@ from agent.decoder.gguf_loader import read_blocks, read_header
 from agent.decoder.kernels import ACTIVATIONS, get_backend
 from agent.decoder.kernels.cpu import CpuBackend
 from agent.decoder.quantize import planned_format, resolve_weights
+from tests.decoder_fixtures import random_blocks
 
 K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
-WITH_MIN = (Q.Q4_1, Q.Q5_1, Q.Q4_K, Q.Q5_K)
 
 
 @pytest.fixture(scope="module", params=ACTIVATIONS)
@@ -35,25 +35,6 @@ def cpu(settings, request) -> CpuBackend:
     if not backend.native:
         pytest.skip("no C++ compiler: the CPU backend runs its PyTorch fallback")
     return backend
-
-
-def random_blocks(qtype: Q, n: int, k: int, seed: int = 0) -> np.ndarray:
-    """Valid blocks: random bytes, with finite float16 factors of a weight's size."""
-    rng = np.random.default_rng(seed)
-    block, size = GGML_QUANT_SIZES[qtype]
-    raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
-
-    def half() -> np.ndarray:
-        values = rng.uniform(-0.05, 0.05, (n, k // block)).astype(np.float16)
-        return values.view(np.uint8).reshape(n, k // block, 2)
-
-    if qtype == Q.Q6_K:
-        raw[..., 208:210] = half()
-    else:
-        raw[..., 0:2] = half()
-        if qtype in WITH_MIN:
-            raw[..., 2:4] = half()
-    return raw.reshape(n, -1)
 
 
 def quantised_activations(x: torch.Tensor, kp: int, activations: str = "int8") -> torch.Tensor:

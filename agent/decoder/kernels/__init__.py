@@ -97,7 +97,7 @@ def get_backend(name: str = "auto", cache_dir: Path | None = None,
 
         backend = CpuBackend(cache_dir, activations=activations)
     else:
-        from agent.decoder.kernels.triton_nf4 import TritonBackend
+        from agent.decoder.kernels.triton_backend import TritonBackend
 
         backend = TritonBackend()
     _loaded[key] = backend

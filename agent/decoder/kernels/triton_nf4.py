@@ -23,10 +23,8 @@ with float32 accumulation; float32 activations use TF32 there.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from agent.decoder.kernels.reference import reference_linear
+from agent.decoder.kernels.interpreter import interpreter_tile, interpreting
 from agent.decoder.nf4 import CODEBOOK, NF4Weight
-from agent.decoder.q8 import Q8Weight
 from agent.errors import ConfigError
 
 GEMV_MAX_ROWS = 16
@@ -245,10 +242,6 @@ def _nf4_dequantise(qw_ptr, sc_ptr, lut_ptr, out_ptr, N, Kp, MODE: tl.constexpr,
     tl.store(rows + col_high[None, :], high.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _gemv_configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_N": bn, "BLOCKS": nb, "SPLIT_K": sk}, num_warps=w)
             for bn, nb, w in ((4, 4, 2), (8, 4, 4), (16, 2, 4), (16, 4, 8), (32, 2, 8),
@@ -301,8 +294,10 @@ def _gemv(x2: Tensor, w: NF4Weight, lut: Tensor, mode: int) -> Tensor:
     args = (x2, w.qweight, w.scales, lut, bias, y, m, n, w.shape[1], w.padded_k // 2,
             w.padded_k // 64, x2.stride(0), y.stride(0))
     meta = dict(HAS_BIAS=w.bias is not None, MODE=mode, BLOCK_M=triton.next_power_of_2(m))
-    if _interpreting():
-        _nf4_gemv[(triton.cdiv(n, 16), 2)](*args, **meta, BLOCK_N=16, BLOCKS=2, SPLIT_K=2)
+    if interpreting():
+        bn, blocks, split = interpreter_tile(m, n, w.padded_k // 64)
+        _nf4_gemv[(triton.cdiv(n, bn), split)](*args, **meta, BLOCK_N=bn, BLOCKS=blocks,
+                                               SPLIT_K=split)
     else:
         def grid(cfg: dict) -> tuple[int, int]:
             return triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"]
@@ -318,7 +313,7 @@ def _gemm(x2: Tensor, w: NF4Weight, lut: Tensor, mode: int) -> Tensor:
     args = (x2, w.qweight, w.scales, lut, bias, y, m, n, w.shape[1], w.padded_k,
             x2.stride(0), y.stride(0), triton.next_power_of_2(m))
     meta = dict(HAS_BIAS=w.bias is not None, MODE=mode)
-    if _interpreting():
+    if interpreting():
         grid = (triton.cdiv(m, 16) * triton.cdiv(n, 32),)
         _nf4_gemm[grid](*args, **meta, BLOCK_M=16, BLOCK_N=32, BLOCK_BYTES=32, GROUP_M=2)
     else:
@@ -333,7 +328,7 @@ def dequantise(w: NF4Weight, lut: Tensor, dtype: torch.dtype, codebook: str) -> 
     """The dense weight [N, K] in `dtype`, made on the device by one kernel."""
     n, k = w.shape
     out = torch.empty((n, w.padded_k), dtype=dtype, device=w.qweight.device)
-    block_n, block_bytes = (16, 32) if _interpreting() else (32, 128)
+    block_n, block_bytes = (16, 32) if interpreting() else (32, 128)
     grid = (triton.cdiv(n, block_n), triton.cdiv(w.padded_k // 2, block_bytes))
     _nf4_dequantise[grid](w.qweight, w.scales, lut, out, n, w.padded_k,
                           MODE=CODEBOOK_MODES[codebook],
@@ -370,51 +365,3 @@ def triton_swiglu(x: Tensor, w: NF4Weight, lut: Tensor, strategy: Strategy = Str
                   ) -> Tensor:
     gate, up = triton_linear(x, w, lut, strategy).chunk(2, dim=-1)  # [..., F] each
     return F.silu(gate) * up
-
-
-class TritonBackend:
-    name = "triton"
-
-    def __init__(self, device: str | torch.device | None = None,
-                 strategy: Strategy = Strategy()):
-        self.strategy = strategy
-        if device is None:
-            device = "cpu" if _interpreting() else "cuda"
-        if torch.device(device).type != "cuda" and not _interpreting():
-            raise ConfigError("the triton backend needs CUDA (or TRITON_INTERPRET=1 for tests)")
-        self.device = torch.device(device)
-        self.lut = codebook_table(strategy.codebook, self.device)
-
-    def prepare(self, w: NF4Weight | Q8Weight) -> NF4Weight | Q8Weight:
-        """Tensors on the backend's device, float16 scales, float32 bias."""
-        if isinstance(w, Q8Weight):  # an 8-bit head: no kernel of its own here
-            return w.to(self.device)
-        scales = w.block_scales(torch.float16) if w.double_quantised else w.scales
-        return NF4Weight(
-            qweight=w.qweight.to(self.device).contiguous(),
-            scales=scales.to(device=self.device, dtype=torch.float16).contiguous(),
-            shape=w.shape,
-            bias=None if w.bias is None else w.bias.to(self.device, torch.float32).contiguous(),
-        )
-
-    def linear(self, x: Tensor, w: NF4Weight | Q8Weight) -> Tensor:
-        return self.bind(w)(x)
-
-    def swiglu(self, x: Tensor, w: NF4Weight) -> Tensor:
-        return triton_swiglu(x, self._ready(w), self.lut, self.strategy)
-
-    def bind(self, w: NF4Weight | Q8Weight, swiglu: bool = False) -> Callable[[Tensor], Tensor]:
-        if isinstance(w, Q8Weight):
-            return partial(reference_linear, w=self.prepare(w))
-        fn = triton_swiglu if swiglu else triton_linear
-        return partial(_call, fn, self._ready(w), self.lut, self.strategy)
-
-    def _ready(self, w: NF4Weight) -> NF4Weight:
-        ok = (not w.double_quantised and w.scales.dtype == torch.float16
-              and w.qweight.device == self.device)
-        return w if ok else self.prepare(w)
-
-
-def _call(fn: Callable[[Tensor, NF4Weight, Tensor, Strategy], Tensor], w: NF4Weight,
-          lut: Tensor, strategy: Strategy, x: Tensor) -> Tensor:
-    return fn(x, w, lut, strategy)
