@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--backend", default=None,
-                   help="auto, cpu, reference, fp32 (default: llm_backend setting)")
+                   help="auto, cpu, triton, reference, fp32 (default: llm_backend setting)")
     p.add_argument("--raw", action="store_true", help="no chat template")
     p.set_defaults(func=_cmd_generate)
 

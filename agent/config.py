@@ -45,7 +45,8 @@ class Settings:
 
     # Models
     llm_model: str = "smollm2"          # smollm2 | qwen2.5-coder-0.5b | a path to a .gguf
-    llm_backend: str = "auto"           # auto (= cpu) | cpu | reference | fp32
+    # auto (triton where torch sees CUDA, else cpu) | cpu | triton | reference | fp32
+    llm_backend: str = "auto"
     # auto: the file's own quantised weights (native) for a quantised GGUF, nf4 for a
     # 16-bit one | native | nf4 | q8
     llm_weights: str = "auto"

@@ -4,9 +4,10 @@ into a tokenizer and a model on the decoder's kernels.
     engine = load_engine("smollm2", settings=settings, backend="auto")
 
 `backend` is explicit, never guessed from a file name:
-    "auto"       the kernel registry's choice (the fast CPU path: the model runs on the CPU)
-    "cpu" | "reference"   NF4 linears on that kernel backend ("triton" is refused: its
-                 kernels want CUDA activations, see agent/decoder/kernels/__init__.py)
+    "auto"       the kernel registry's choice: "triton" where torch sees CUDA, else "cpu"
+    "cpu" | "reference"   quantised linears on that kernel backend, the model on the CPU
+    "triton"     the Triton kernels, and the whole model (embeddings, norms, KV cache,
+                 sampling) on CUDA; on CPU tensors under TRITON_INTERPRET=1 (tests)
     "fp32"       no quantisation: the dequantised GGUF weights in nn.Linear (ground truth)
 
 The weights format (`llm_weights`) is explicit too: "auto" runs a quantised GGUF's own
@@ -140,9 +141,6 @@ def _quantise(model: Transformer, backend: str, settings: Settings, source: Path
     from agent.decoder.quantize import nf4_cache_path, quantize_model
 
     name = auto_backend_name() if backend == "auto" else backend
-    if name == "triton":
-        raise ConfigError("the decoder runs on the CPU and the Triton kernels on CUDA: use "
-                          "the cpu backend (`parley bench kernels` measures the Triton ones)")
     kernel = get_backend(name, Path(settings.cache_dir), settings.llm_activations)
     use_threads = getattr(kernel, "use_threads", None)
     if use_threads is not None:  # before the kernels first run: their pool is sized once
@@ -154,6 +152,10 @@ def _quantise(model: Transformer, backend: str, settings: Settings, source: Path
                    nf4_cache_path(Path(settings.cache_dir), source, double_quant=double_quant),
                    progress=progress, weights=weights, gguf_path=source,
                    tensor_types=tensor_types, double_quant=double_quant)
+    device = getattr(kernel, "device", None)
+    if device is not None:  # the rest of the model joins the kernels' device
+        model.to(device)
+        log.info("decoder on %s", device)
     return name
 
 

@@ -113,10 +113,10 @@ class KVCache:
     """
 
     def __init__(self, args: ModelArgs, n_slots: int, max_seq_len: int,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         shape = (args.n_layer, n_slots, args.n_kv_head, max_seq_len, args.head_dim)
-        self.k = torch.empty(shape, dtype=dtype)
-        self.v = torch.empty(shape, dtype=dtype)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.n_slots = n_slots
         self.max_seq_len = max_seq_len
         self.lengths = [0] * n_slots
@@ -179,27 +179,30 @@ class Step:
 
     Built once per forward so that a layer does as few tensor calls as possible; at this
     model size Python dispatch, not arithmetic, is what a decode step mostly spends.
+    Index tensors live where the cache does.
     """
+
+    fused: Callable[..., Tensor] | None
 
     def __init__(self, model: Transformer, cache: KVCache, slots: list[int], start: list[int],
                  n_tokens: int):
-        if len(slots) != len(start) or len(set(slots)) != len(slots):
-            raise ValueError("one distinct slot per row is required")
-        end = [p + n_tokens for p in start]
-        if max(end) > min(cache.max_seq_len, model.rope_cos.shape[0]):
-            raise InvalidRequestError(
-                f"context full: position {max(end)} exceeds {cache.max_seq_len}")
+        end = check_rows(model, cache, slots, start, n_tokens)
         self.slots, self.start, self.n_tokens = slots, start, n_tokens
+        dev = cache.k.device
         # The kernel path: one row per new token, each with its slot and position (a
-        # decode step, or one slot's prompt chunk, causal by position).
-        self.fused = model.token_attention if (n_tokens == 1 or len(slots) == 1) else None
+        # decode step, or one slot's prompt chunk, causal by position, where the kernel
+        # takes prompt chunks).
+        kernel_rows = n_tokens == 1 or (len(slots) == 1 and model.token_attention_prefill)
+        self.fused = model.token_attention if kernel_rows else None
         if self.fused is not None:  # the kernel reads slots, positions and tables itself
-            self.slot_ids = torch.tensor(slots).repeat_interleave(n_tokens)
-            self.positions = (torch.tensor(start)[:, None] + torch.arange(n_tokens)).flatten()
+            self.slot_ids = torch.tensor(slots, device=dev).repeat_interleave(n_tokens)
+            self.positions = (torch.tensor(start, device=dev)[:, None]
+                              + torch.arange(n_tokens, device=dev)).flatten()
             self.tables = (model.rope_cos, model.rope_sin)
             cache.written(slots, end)  # it reads only positions it has written
             return
-        positions = torch.tensor(start)[:, None] + torch.arange(n_tokens)  # [B, T]
+        positions = (torch.tensor(start, device=dev)[:, None]
+                     + torch.arange(n_tokens, device=dev))  # [B, T]
         flat = positions.flatten()
         cos, sin = model.rope_cos[flat], model.rope_sin[flat]  # [B*T, D/2]
         # Few rows (decode): one small matmul per layer; many rows (prefill): elementwise.
@@ -212,37 +215,65 @@ class Step:
             self.write_k = cache.k[:, s, :, p:p + n_tokens]  # [L, Hkv, T, D]
             self.write_v = cache.v[:, s, :, p:p + n_tokens]
         else:  # index_put_ at (slot, head, position), broadcast to [B, T, Hkv]
-            self.write_index = (torch.tensor(slots)[:, None, None],
-                                torch.arange(model.args.n_kv_head)[None, None, :],
+            self.write_index = (torch.tensor(slots, device=dev)[:, None, None],
+                                torch.arange(model.args.n_kv_head, device=dev)[None, None, :],
                                 positions[:, :, None])
         if n_tokens == 1:
             self._setup_decode(cache, end)
         else:  # prefill: per row, causal over its cached prefix + the new tokens
             cache.ensure_clean(self.slots, max(end))
-            self.masks = [None if p == 0 else _causal_mask(p, e)
+            self.masks = [None if p == 0 else _causal_mask(p, e, dev)
                           for p, e in zip(self.start, end, strict=True)]
+
+    @classmethod
+    def kernel_rows(cls, model: Transformer, slot_ids: Tensor, positions: Tensor) -> Step:
+        """A decode step read from device tensors, one row per stream (a negative position
+        is a padding row): what a CUDA graph captures, since no host value shapes it. The
+        caller keeps the cache's bookkeeping (`KVCache.written`, `lengths`)."""
+        if model.token_attention is None:
+            raise ConfigError("a step from device tensors needs the token attention kernel")
+        step = cls.__new__(cls)
+        step.slots, step.start, step.n_tokens = [], [], 1
+        step.fused = model.token_attention
+        step.slot_ids, step.positions = slot_ids, positions
+        step.tables = (model.rope_cos, model.rope_sin)
+        return step
 
     def _setup_decode(self, cache: KVCache, end: list[int]) -> None:
         """Batched decode reads slots lo..hi in place; rows not in the batch are masked."""
         self.lo, self.hi = min(self.slots), max(self.slots) + 1
         t_max = max(end)
         rows = self.hi - self.lo
+        dev = cache.k.device
         self.dense = rows == len(self.slots) and self.slots == sorted(self.slots)
-        self.row_of = torch.tensor(self.slots) - self.lo
+        self.row_of = torch.tensor(self.slots, device=dev) - self.lo
         cache.ensure_clean(range(self.lo, self.hi), t_max)
         self.read_k = cache.k[:, self.lo:self.hi, :, :t_max]  # [L, R, Hkv, t_max, D]
         self.read_v = cache.v[:, self.lo:self.hi, :, :t_max]
         self.mask: Tensor | None = None
         if not (self.dense and min(end) == t_max):
-            limit = torch.ones(rows, dtype=torch.long)  # idle rows see position 0 only
-            limit[self.row_of] = torch.tensor(end)
-            self.mask = (torch.arange(t_max) < limit[:, None])[:, None, None, :]
+            limit = torch.ones(rows, dtype=torch.long, device=dev)  # idle rows: position 0
+            limit[self.row_of] = torch.tensor(end, device=dev)
+            self.mask = (torch.arange(t_max, device=dev) < limit[:, None])[:, None, None, :]
 
 
-def _causal_mask(start: int, end: int) -> Tensor:
+def check_rows(model: Transformer, cache: KVCache, slots: list[int], start: list[int],
+               n_tokens: int) -> list[int]:
+    """Each row's end position, after checking the rows fit: distinct slots, in context."""
+    if len(slots) != len(start) or len(set(slots)) != len(slots):
+        raise ValueError("one distinct slot per row is required")
+    end = [p + n_tokens for p in start]
+    if max(end) > min(cache.max_seq_len, model.rope_cos.shape[0]):
+        raise InvalidRequestError(
+            f"context full: position {max(end)} exceeds {cache.max_seq_len}")
+    return end
+
+
+def _causal_mask(start: int, end: int, device: torch.device) -> Tensor:
     """Additive mask [T, end] for queries at start..end-1 over keys 0..end-1."""
-    allowed = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
-    return torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+    allowed = (torch.arange(end, device=device)[None, :]
+               <= torch.arange(start, end, device=device)[:, None])
+    return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -376,8 +407,10 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         # A kernel backend's one-call attention for new tokens (quantize.py sets it; see
-        # kernels/__init__.py), else the PyTorch ops below.
+        # kernels/__init__.py), else the PyTorch ops below; whether it also takes prompt
+        # chunks (the CPU's does; on CUDA PyTorch's flash attention does them better).
         self.token_attention: Callable[..., Tensor] | None = None
+        self.token_attention_prefill = True
         # What new caches store keys and values as; float16 where that attention kernel
         # runs (half the memory per stream, half the bytes read per key).
         self.cache_dtype = torch.float32
@@ -394,9 +427,14 @@ class Transformer(nn.Module):
         self.rope_cos = angles.cos().float()
         self.rope_sin = angles.sin().float()
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs (its RoPE tables, embeddings and caches live there)."""
+        return self.rope_cos.device
+
     def new_cache(self, n_slots: int, max_seq_len: int | None = None) -> KVCache:
         length = min(max_seq_len or self.args.context_length, self.args.context_length)
-        return KVCache(self.args, n_slots, length, self.cache_dtype)
+        return KVCache(self.args, n_slots, length, self.cache_dtype, self.device)
 
     def forward(self, tokens: Tensor, cache: KVCache, slots: list[int], start: list[int],
                 *, all_logits: bool = False) -> Tensor:
@@ -406,13 +444,19 @@ class Transformer(nn.Module):
         `all_logits`. Afterwards `cache.lengths[slot] = start + T` for every row.
         """
         step = Step(self, cache, slots, start, tokens.shape[1])
+        logits = self.run_step(tokens.to(self.device), step, cache, all_logits=all_logits)
+        for slot, p in zip(slots, start, strict=True):
+            cache.lengths[slot] = p + tokens.shape[1]
+        return logits
+
+    def run_step(self, tokens: Tensor, step: Step, cache: KVCache, *,
+                 all_logits: bool = False) -> Tensor:
+        """The layers over tokens [B, T] on the model's device, as `step` places them."""
         x = self.tok_embeddings(tokens)  # [B, T, dim]
         for layer in self.layers:
             x = layer(x, step, cache)
         if not all_logits:
             x = x[:, -1]  # [B, dim]
-        for slot, p in zip(slots, start, strict=True):
-            cache.lengths[slot] = p + tokens.shape[1]
         return self.output(self.norm(x))
 
 

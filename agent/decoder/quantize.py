@@ -379,6 +379,7 @@ def _fuse_kernel_paths(model: nn.Module, backend: Backend) -> None:
         return
     attention = getattr(backend, "token_attention_kernel", None)
     model.token_attention = attention() if attention else None
+    model.token_attention_prefill = getattr(backend, "token_attention_prefill", True)
     if model.token_attention is not None:  # it reads and writes float16 caches too
         model.cache_dtype = torch.float16
     block_kernel = getattr(backend, "block_kernel", None)

@@ -50,13 +50,19 @@ class SamplingParams:
 
 
 class Sampler:
-    """One stream's sampling state."""
+    """One stream's sampling state. Its generator lives where the logits do (made on first
+    use), so sampling stays on the model's device."""
 
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.generator = torch.Generator()
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        self.generator.manual_seed(seed)
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self._generator: torch.Generator | None = None
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+        return self._generator
 
     @property
     def plain_greedy(self) -> bool:
@@ -73,16 +79,16 @@ class Sampler:
         probs = torch.softmax(logits / p.temperature, dim=-1)
         if p.top_p < 1.0:
             probs = top_p_filter(probs, p.top_p)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return int(torch.multinomial(probs, 1, generator=self.generator(probs.device)))
 
 
 def apply_mask(logits: Tensor, mask: Tensor | None) -> Tensor:
     """Disallowed tokens get -inf. A mask shorter than the logits disallows the rest."""
     if mask is None:
         return logits
-    allowed = torch.zeros(logits.shape[-1], dtype=torch.bool)
+    allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
     n = min(mask.shape[-1], logits.shape[-1])
-    allowed[:n] = mask[:n].to(torch.bool)
+    allowed[:n] = mask[:n].to(logits.device, torch.bool)
     if not bool(allowed.any()):
         raise InvalidRequestError("the token mask allows no token")
     return logits.masked_fill(~allowed, float("-inf"))

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from agent.decoder.cuda_graphs import DecodeRunner
 from agent.decoder.engine import Engine
 from agent.decoder.generate import DEFAULT_PREFILL_CHUNK, Delta, TextStream, Usage
 from agent.decoder.sampling import Sampler, SamplingParams, sample_batch
@@ -107,6 +108,8 @@ class Scheduler:
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         self.engine = engine
         self.cache = engine.model.new_cache(max_streams, max_seq_len)
+        # Eager on the CPU; replayed from CUDA graphs on the GPU (cuda_graphs.py).
+        self._decode = DecodeRunner(engine.model, self.cache)
         self.max_seq_len = self.cache.max_seq_len
         self.prefill_chunk = prefill_chunk
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
@@ -391,10 +394,10 @@ class Scheduler:
         if not rows:
             return
         rows.sort(key=lambda s: s.session.slot)  # type: ignore[union-attr]
-        tokens = torch.tensor([[s.pending] for s in rows])  # [B, 1]
+        tokens = [s.pending for s in rows]
         slots = [s.session.slot for s in rows]  # type: ignore[union-attr]
         positions = [len(s.session.tokens) for s in rows]  # type: ignore[union-attr]
-        logits = self.engine.model(tokens, self.cache, slots, positions)  # [B, vocab]
+        logits = self._decode(tokens, slots, positions)  # [B, vocab]
         self.largest_batch = max(self.largest_batch, len(rows))
         for s in rows:
             s.session.tokens.append(s.pending)  # type: ignore[union-attr]

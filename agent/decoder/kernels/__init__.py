@@ -11,9 +11,10 @@ Backends, by name:
     "reference"  dequantise, then a float32 matmul in PyTorch: the ground truth for tests.
     "cpu"        a C++ extension (AVX2/FMA/F16C, int8 dot products, fused dequantisation),
                  compiled once into the model cache; plain PyTorch when it cannot be built.
-    "triton"     Triton kernels for CUDA (triton_nf4.py: a dequant-fused GEMV for one row,
-                 dequantise + cuBLAS above); the decoder's model does not run on CUDA yet.
-    "auto"       "cpu".
+    "triton"     Triton kernels for CUDA (triton_backend.py): NF4, the GGUF's own blocks and
+                 the 8-bit head, and new tokens' attention; the whole model then runs on
+                 CUDA (engine.py moves it there).
+    "auto"       "triton" where torch sees CUDA and Triton is installed, else "cpu".
 
 Outputs have x's dtype; every backend accumulates in float32.
 
@@ -63,12 +64,14 @@ _loaded: dict[str, Backend] = {}
 
 
 def auto_backend_name() -> str:
-    """The backend "auto" stands for: "cpu", because the decoder's model runs on the CPU.
+    """The backend "auto" stands for: "triton" on a machine with CUDA (and Triton), where
+    the whole model then runs on the GPU, else "cpu"."""
+    import importlib.util
 
-    The Triton kernels need their activations on CUDA; until the model (embeddings, norms,
-    attention, KV cache) runs there too, they are used and measured on their own
-    (`parley bench kernels`).
-    """
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+        return "triton"
     return "cpu"
 
 

@@ -18,7 +18,7 @@ def interpreting() -> bool:
 def interpreter_tile(m: int, n: int, groups: int) -> tuple[int, int, int]:
     """(BLOCK_N, groups per step, SPLIT_K) of a GEMV under the interpreter, which runs each
     program in NumPy: few big programs are what make a whole model affordable there, while
-    ragged edges and split-K (two slices where there are enough groups) are still run."""
+    ragged edges, several steps and split-K (two slices) are still run where K is long."""
     block_n = min(triton.next_power_of_2(n), max(16, 2048 // triton.next_power_of_2(m)))
-    per = min(triton.next_power_of_2(max(1, groups // 2)), 16)
-    return block_n, per, 2 if groups >= 2 * per else 1
+    per = min(triton.next_power_of_2(groups), 4)
+    return block_n, per, 2 if groups > 2 * per else 1
