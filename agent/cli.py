@@ -102,6 +102,10 @@ def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         from agent.bench.kernels import run
 
         return run()
+    if args.what == "gpu":
+        from agent.bench.gpu import run as run_gpu
+
+        return run_gpu(quick=args.quick)
     if args.what == "quality":
         from agent.bench.quality import bench_quality
 
@@ -160,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("bench", help="benchmarks whose tables go in the README")
-    p.add_argument("what", choices=["speech", "decoder", "kernels", "chat", "tools", "realtime",
-                                      "quality"])
+    p.add_argument("what", choices=["speech", "decoder", "kernels", "gpu", "chat", "tools",
+                                      "realtime", "quality"])
     p.add_argument("--model", help="decoder, tools, quality: model name or .gguf path")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--backend", default=None,

@@ -19,6 +19,7 @@ import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +28,10 @@ from agent.decoder import nf4
 from agent.decoder.kernels.reference import reference_linear
 from agent.decoder.kernels.triton_backend import TritonBackend
 from agent.decoder.kernels.triton_nf4 import Strategy
+from agent.decoder.native import NativeWeight
+from agent.decoder.native import dequantise as native_dequantise
 
-DECODE_ROWS = (1, 16)
+DECODE_ROWS = (1, 16)  # `parley bench gpu` adds 4
 PREFILL_ROWS = (512, 2048)
 
 # name: (dim, n_head, n_kv_head, head_dim, ffn, vocab, n_layer, qkv_bias)
@@ -85,7 +88,23 @@ def _eager_ms(fn) -> float:
     return float(do_bench(fn, warmup=5, rep=20))
 
 
-def bench_model(name: str) -> list[Row]:
+def random_native_u4(n: int, k: int, gen: torch.Generator) -> NativeWeight:
+    """A random weight in the layout Q4_0/Q4_1/Q4_K land in (native.py): 4-bit values,
+    a float16 scale and offset per 32 weights, made on the GPU."""
+    kp = -(-k // 64) * 64
+    groups = -(-(kp // 32) // 8) * 8
+    scales = (torch.rand(n, groups, device="cuda", generator=gen) * 0.004).half()
+    offsets = (-8 * scales.float()).half()
+    return NativeWeight("u4", torch.randint(0, 256, (n, kp // 2), dtype=torch.uint8,
+                                            device="cuda", generator=gen),
+                        scales, (n, k), offsets, None, "Q4_1")
+
+
+def bench_model(name: str, decode_rows: tuple[int, ...] = DECODE_ROWS,
+                prefill_rows: tuple[int, ...] = PREFILL_ROWS,
+                native: bool = False) -> list[Row]:
+    """Every strategy's time for one step's linears of model `name`; with `native`, also
+    the GGUF-block kernels on a 4-bit layout (the GEMV, and the backend's default)."""
     acc: dict[tuple[int, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for n, k, count, has_bias in linears(*SHAPES[name]):
         gen = torch.Generator(device="cuda").manual_seed(n * 7 + k)
@@ -94,32 +113,62 @@ def bench_model(name: str) -> list[Row]:
         w = TritonBackend("cuda").prepare(nf4.quantise(dense, bias))
         w16 = nf4.dequantise(w, torch.float32).to(torch.float16)  # same values as NF4
         b16 = None if bias is None else bias.half()
-        for rows in DECODE_ROWS + PREFILL_ROWS:
+        del dense
+        candidates: list[tuple[str, TritonBackend, Any, Any]] = []
+        for label, strategy in {**DECODE_STRATEGIES, **PREFILL_STRATEGIES}.items():
+            candidates.append((label, TritonBackend("cuda", strategy), w,
+                               partial(reference_linear, w=w)))
+        if native:
+            u4 = random_native_u4(n, k, gen)
+            u4.bias = None if bias is None else bias.float()
+            dense_u4 = native_dequantise(u4)
+            want_u4 = partial(_dense_linear, dense_u4, u4.bias)
+            candidates += [
+                ("native 4-bit, GEMV", TritonBackend("cuda", affine_gemv_rows=16), u4, want_u4),
+                ("native 4-bit, default", TritonBackend("cuda"), u4, want_u4)]
+        for rows in decode_rows + prefill_rows:
             x = torch.randn(rows, k, device="cuda", dtype=torch.float16, generator=gen)
-            want = reference_linear(x.float(), w)
             fp16 = _kernel_ms(partial(F.linear, x, w16, b16))
-            strategies = DECODE_STRATEGIES if rows in DECODE_ROWS else PREFILL_STRATEGIES
-            for label, strategy in strategies.items():
-                if rows == 1 and strategy.decode != "gemv":
-                    continue  # one row always takes the GEMV
-                backend = TritonBackend("cuda", strategy)
-                got = backend.linear(x, w).float()  # also tunes the tiles for this shape
+            decode = rows in decode_rows
+            for label, backend, weight, reference in candidates:
+                if not _applies(label, rows, decode):
+                    continue
+                want = reference(x.float())
+                got = backend.linear(x, weight).float()  # also tunes the tiles for this shape
                 cell = acc[(rows, label)]
                 cell["err"] = max(cell["err"],
                                   float((got - want).abs().max() / want.abs().max()))
-                cell["nf4"] += count * _kernel_ms(partial(backend.linear, x, w))
-                cell["eager"] += count * _eager_ms(partial(backend.linear, x, w))
+                cell["nf4"] += count * _kernel_ms(partial(backend.linear, x, weight))
+                cell["eager"] += count * _eager_ms(partial(backend.linear, x, weight))
                 cell["fp16"] += count * fp16
-                cell["bytes"] += count * (w.qweight.numel() + w.scales.numel() * 2)
+                cell["bytes"] += count * sum(t.numel() * t.element_size()
+                                             for t in (weight.qweight, weight.scales,
+                                                       getattr(weight, "offsets", None))
+                                             if t is not None)
                 cell["flops"] += count * 2.0 * rows * n * k
     return [Row(name, rows, label, c["nf4"], c["eager"], c["fp16"], c["bytes"], c["flops"],
                 c["err"]) for (rows, label), c in acc.items()]
 
 
+def _applies(label: str, rows: int, decode: bool) -> bool:
+    if label.startswith("native"):
+        return not (label.endswith("GEMV") and rows > 16) and not (
+            rows == 1 and label.endswith("default"))  # one row: the default is the GEMV
+    if decode:
+        strategy = DECODE_STRATEGIES.get(label)
+        return strategy is not None and (rows > 1 or strategy.decode == "gemv")
+    return label in PREFILL_STRATEGIES
+
+
+def _dense_linear(dense: torch.Tensor, bias: torch.Tensor | None,
+                  x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, dense, bias)
+
+
 def render(rows: list[Row], device: str) -> str:
     lines = [f"{device}; float16 activations; one step's linears (every layer and the head)",
-             "", "| model | rows | NF4 strategy | NF4 | cuBLAS fp16 | NF4 / cuBLAS speed "
-             "| NF4 weight GB/s | NF4 TFLOP/s | eager NF4 | max rel. error |",
+             "", "| model | rows | kernel (strategy) | Parley | cuBLAS fp16 "
+             "| Parley / cuBLAS speed | weight GB/s | TFLOP/s | eager | max rel. error |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(

@@ -322,7 +322,14 @@ def quantize_model(model: nn.Module, backend: Backend | str = "auto",
             if cache_path is not None:
                 nf4.save(Path(cache_path), cached, meta=options)
         chosen = dict(cached)
-    for name, w in chosen.items():
+    return install_weights(model, chosen, backend)
+
+
+def install_weights(model: nn.Module, weights: dict[str, AnyWeight],
+                    backend: Backend) -> nn.Module:
+    """Put quantised weights in place of the named linears, with the backend's fused
+    paths (SwiGLU in the w13 call, its norm, attention and block kernels), in place."""
+    for name, w in weights.items():
         _set_submodule(model, name, QuantLinear(w, backend))
     _fuse_feed_forwards(model)
     _swap_norms(model, backend)

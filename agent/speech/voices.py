@@ -133,10 +133,21 @@ class VoiceBank:
         options.intra_op_num_threads = self._threads
         options.inter_op_num_threads = 1
         session = onnxruntime.InferenceSession(
-            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+            str(path), sess_options=options, providers=execution_providers()
         )
         piper = PiperVoice(session=session, config=config)
         return LoadedVoice(name, path, piper, config.sample_rate)
+
+
+def execution_providers() -> list[str]:
+    """Where Piper's ONNX graph runs: on CUDA when this onnxruntime build has its CUDA
+    provider (onnxruntime-gpu), falling back to the CPU for any node CUDA lacks; on the
+    CPU otherwise."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
 
 
 def _measure_fixed_fraction(piper) -> float:

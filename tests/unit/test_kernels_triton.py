@@ -38,13 +38,16 @@ def check(backend: TritonBackend, x: torch.Tensor, w: nf4.NF4Weight) -> None:
 
 def check_against(backend: TritonBackend, x: torch.Tensor, w, dense: torch.Tensor) -> None:
     """The kernel's x @ W.T (+ b) equals the float32 product with the dense weights up to
-    float32 summation order."""
+    float32 summation order; on CUDA the dequantise + cuBLAS path multiplies float32
+    activations in float16 (interpreter.matmul_dtype), which rounds each factor to 11
+    bits."""
     got = backend.linear(x.to(backend.device), w).cpu()
     want = x @ dense.T + (0 if w.bias is None else w.bias)
     assert got.shape == want.shape and got.dtype == x.dtype
     scale = x.reshape(-1, w.shape[1]).abs() @ dense.abs().T  # [M, N]
     err = (got - want).abs().reshape(-1, w.shape[0])
-    assert bool((err <= 1e-5 * scale + 1e-6).all()), float(err.max())
+    rel = 2e-3 if backend.device.type == "cuda" else 1e-5
+    assert bool((err <= rel * scale + 1e-6).all()), float(err.max())
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13, 16])
@@ -122,12 +125,16 @@ K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
 @pytest.mark.parametrize("m", [1, 3, 16, 20])
 def test_native_blocks_multiply_as_the_files_weights(triton_backend: TritonBackend,
                                                      qtype: Q, m: int) -> None:
-    """Every GGUF block type the CPU reads raw: 1-16 rows through the GEMV, more through
-    the dequantiser and a matmul, both against gguf-exact dense weights."""
+    """Every GGUF block type the CPU reads raw: the GEMV (1-16 rows; the backend's choice
+    for one) and the dequantiser with a matmul (the backend's for more), both against
+    gguf-exact dense weights."""
     k = 512 if qtype in K_QUANTS else 160  # 160: a padded last 64-block
     w = native.from_blocks(random_blocks(qtype, 37, k, seed=m), qtype, (37, k))
     torch.manual_seed(m)
-    check_against(triton_backend, torch.randn(m, k), w, native.dequantise(w))
+    x, dense = torch.randn(m, k), native.dequantise(w)
+    check_against(triton_backend, x, w, dense)
+    if m <= 16:
+        check_against(TritonBackend(TRITON_DEVICE, affine_gemv_rows=16), x, w, dense)
 
 
 def test_fused_native_parts_with_bias_and_swiglu(triton_backend: TritonBackend) -> None:

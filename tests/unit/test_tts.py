@@ -302,3 +302,16 @@ async def test_whole_text_off_the_event_loop(engine: TTSEngine):
     ticking.cancel()
     assert chunk.text == PARAGRAPH and chunk.duration > 8
     assert ticks > 5  # the loop kept running while Piper worked
+
+
+def test_piper_runs_on_cuda_where_onnxruntime_has_it(monkeypatch) -> None:
+    import onnxruntime
+
+    from agent.speech.voices import execution_providers
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert execution_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CPUExecutionProvider"])
+    assert execution_providers() == ["CPUExecutionProvider"]

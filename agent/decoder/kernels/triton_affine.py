@@ -16,7 +16,7 @@ of a byte comes from cache, so DRAM traffic stays one read of the packed weights
 
 - GEMV for 1-16 rows: all rows share one read of the weights (what decode is bound by),
   split-K by atomic adds where N alone leaves multiprocessors idle.
-- A dequantiser to a dense matrix in the activations' dtype, for cuBLAS above 16 rows.
+- A dequantiser to a dense matrix in the activations' dtype, for cuBLAS (more rows).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from agent.decoder.kernels.interpreter import interpreter_tile, interpreting
+from agent.decoder.kernels.interpreter import interpreter_tile, interpreting, matmul_dtype
 from agent.decoder.native import NativeWeight
 from agent.decoder.q8 import Q8Weight
 from agent.errors import ConfigError
@@ -200,8 +200,12 @@ def affine_dequantise(w: AffineWeight, dtype: torch.dtype) -> Tensor:
     return out[:, :k]
 
 
-def affine_linear(x: Tensor, w: AffineWeight) -> Tensor:
-    """x [..., K] @ W.T + bias for a native or 8-bit weight; output in x's dtype."""
+def affine_linear(x: Tensor, w: AffineWeight, gemv_rows: int = 1) -> Tensor:
+    """x [..., K] @ W.T + bias for a native or 8-bit weight; output in x's dtype.
+
+    Up to `gemv_rows` rows (at most 16) take the GEMV, more are dequantised for cuBLAS:
+    as with NF4 (README, "Triton kernels"), where the GEMV at 16 rows measured 0.07x
+    cuBLAS and dequantise + cuBLAS 0.19x, one row is the GEMV's by default."""
     n, k = w.shape
     if x.shape[-1] != k:
         raise ConfigError(f"input has {x.shape[-1]} features, the weight expects {k}")
@@ -209,14 +213,15 @@ def affine_linear(x: Tensor, w: AffineWeight) -> Tensor:
     m = x2.shape[0]
     if m == 0:
         y = torch.empty((0, n), dtype=x.dtype, device=x.device)
-    elif m <= GEMV_MAX_ROWS:
+    elif m <= gemv_rows:
         y = affine_gemv(x2, w)
     else:
-        bias = None if w.bias is None else w.bias.to(x.dtype)
-        y = F.linear(x2, affine_dequantise(w, x.dtype), bias)
+        dtype = matmul_dtype(x2)
+        bias = None if w.bias is None else w.bias.to(dtype)
+        y = F.linear(x2.to(dtype), affine_dequantise(w, dtype), bias).to(x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 
-def affine_swiglu(x: Tensor, w: AffineWeight) -> Tensor:
-    gate, up = affine_linear(x, w).chunk(2, dim=-1)
+def affine_swiglu(x: Tensor, w: AffineWeight, gemv_rows: int = 1) -> Tensor:
+    gate, up = affine_linear(x, w, gemv_rows).chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -43,7 +43,7 @@ class TritonBackend:
     token_attention_prefill = False
 
     def __init__(self, device: str | torch.device | None = None,
-                 strategy: Strategy | None = None):
+                 strategy: Strategy | None = None, affine_gemv_rows: int = 1):
         self.strategy = strategy = strategy or Strategy()
         if device is None:
             device = "cpu" if interpreting() else "cuda"
@@ -53,6 +53,8 @@ class TritonBackend:
             raise ConfigError("the triton backend needs CUDA, and torch sees no CUDA device")
         self.device = torch.device(device)
         self.lut = codebook_table(strategy.codebook, self.device)
+        # Rows up to which native and 8-bit weights take the GEMV (triton_affine.py).
+        self.affine_gemv_rows = affine_gemv_rows
 
     def prepare(self, w: AnyWeight) -> AnyWeight:
         """Tensors on the backend's device: float16 NF4 scales, float32 bias."""
@@ -77,7 +79,8 @@ class TritonBackend:
         if isinstance(ready, NF4Weight):
             fn = triton_swiglu if swiglu else triton_linear
             return partial(_nf4_call, fn, ready, self.lut, self.strategy)
-        return partial(_affine_call, affine_swiglu if swiglu else affine_linear, ready)
+        return partial(_affine_call, affine_swiglu if swiglu else affine_linear, ready,
+                       self.affine_gemv_rows)
 
     def token_attention_kernel(self) -> Callable[..., Tensor]:
         return token_attention
@@ -95,6 +98,6 @@ def _nf4_call(fn: Callable[[Tensor, NF4Weight, Tensor, Strategy], Tensor], w: NF
     return fn(x, w, lut, strategy)
 
 
-def _affine_call(fn: Callable[[Tensor, AffineWeight], Tensor], w: AffineWeight,
-                 x: Tensor) -> Tensor:
-    return fn(x, w)
+def _affine_call(fn: Callable[[Tensor, AffineWeight, int], Tensor], w: AffineWeight,
+                 gemv_rows: int, x: Tensor) -> Tensor:
+    return fn(x, w, gemv_rows)

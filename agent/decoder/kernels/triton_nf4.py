@@ -18,7 +18,9 @@ code's bits (`select`, the fastest), or gathered with its byte's other nibble fr
 
 The tests run these kernels on the CPU with TRITON_INTERPRET=1 (set before this module is
 imported). On CUDA, activations in float16/bfloat16 go through `tl.dot` in that precision
-with float32 accumulation; float32 activations use TF32 there.
+with float32 accumulation; float32 activations use TF32 there, and the dequantise + cuBLAS
+path multiplies them in float16 (`matmul_dtype`: a float32 GEMM runs at a tenth of the
+tensor cores' float16 rate), accumulating in float32.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from agent.decoder.kernels.interpreter import interpreter_tile, interpreting
+from agent.decoder.kernels.interpreter import interpreter_tile, interpreting, matmul_dtype
 from agent.decoder.nf4 import CODEBOOK, NF4Weight
 from agent.errors import ConfigError
 
@@ -356,8 +358,10 @@ def triton_linear(x: Tensor, w: NF4Weight, lut: Tensor, strategy: Strategy = Str
             m > GEMV_MAX_ROWS and strategy.prefill == "fused"):
         y = _gemm(x2, w, lut, mode)
     else:
-        bias = None if w.bias is None else w.bias.to(x.dtype)
-        y = F.linear(x2, dequantise(w, lut, x.dtype, strategy.codebook), bias)
+        dtype = matmul_dtype(x2)
+        bias = None if w.bias is None else w.bias.to(dtype)
+        y = F.linear(x2.to(dtype), dequantise(w, lut, dtype, strategy.codebook),
+                     bias).to(x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 
