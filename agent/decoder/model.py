@@ -27,6 +27,10 @@ maths on the same cache, one row per new token), and with NF4 linears the whole 
 A forward takes explicit positions (`start` per row) and sets `cache.lengths[slot]` to the
 end of what it wrote, so cutting a stream back is `cache.truncate(slot, n)`: attention never
 reads past a row's own position.
+
+The model runs where its RoPE tables are (`Transformer.device`): caches and index tensors
+are made there. On CUDA (the triton backend) a decode step can also be built from device
+tensors alone (`Step.kernel_rows`), which is what cuda_graphs.py captures.
 """
 
 from __future__ import annotations

@@ -22,7 +22,10 @@ Optional extras a backend may offer (quantize.py and the benchmark look for them
     rms_norm_kernel() -> callable (x, weight, eps) -> y, or None   a one-call RMSNorm
     token_attention_kernel() -> callable, or None   new tokens' attention in one call
         (qkv, k_cache, v_cache, layer, slots, positions, cos, sin, n_head, n_kv_head) -> y;
-        it reads and writes float16 caches, so a model given it keeps its KV cache in float16
+        it reads and writes float16 caches, so a model given it keeps its KV cache in float16;
+        with it, `token_attention_prefill` (default True) says whether prompt chunks go
+        through it too (the Triton backend's do not: PyTorch's flash attention does them)
+    device   where the backend's kernels run; the engine moves the rest of the model there
     block_kernel(norm1, wqkv, wo, norm2, w13, w2, eps) -> callable, or None
         new tokens through a whole block of NF4 linears in one call
         (x, k_cache, v_cache, layer, slots, positions, cos, sin, n_head, n_kv_head) -> x
