@@ -106,9 +106,13 @@ def _as_q4_1(linear: nn.Module) -> Any:
     return out
 
 
-def _greedy(model: Transformer, ids: list[int], steps: int) -> tuple[Tensor, list[int]]:
+def greedy_logits(model: Transformer, ids: list[int], steps: int, *,
+                  static: bool = False) -> tuple[Tensor, list[int]]:
+    """The logits of prompt `ids` [T, vocab] and of `steps` greedy decode steps after it
+    [T + steps, vocab] (float32, CPU), and the greedy tokens; decode steps through a
+    DecodeRunner (CUDA graphs on CUDA, the static path eagerly elsewhere with `static`)."""
     cache = model.new_cache(2, 512)
-    decode = DecodeRunner(model, cache)
+    decode = DecodeRunner(model, cache, static=static)
     with torch.inference_mode():
         rows = [model(torch.tensor([ids]), cache, [1], [0], all_logits=True)[0]]
         token, pos, out = int(rows[0][-1].argmax()), len(ids), []
@@ -125,8 +129,8 @@ def check_tiny(device: str = "cuda") -> list[dict[str, Any]]:
     ids = list(range(3, 3 + 40))
     for weights in ("nf4", "q4_1"):
         tri, ref = tiny_pair(weights, device)
-        got_logits, got = _greedy(tri, ids, 24)
-        want_logits, want = _greedy(ref, ids, 24)
+        got_logits, got = greedy_logits(tri, ids, 24, static=True)
+        want_logits, want = greedy_logits(ref, ids, 24)
         err = float((got_logits - want_logits).abs().max() / want_logits.abs().max())
         results.append({"weights": weights, "max_rel_err": err, "tokens_equal": got == want,
                         "tokens": len(got)})

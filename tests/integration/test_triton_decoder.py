@@ -21,6 +21,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from agent.bench.gpu import greedy_logits
 from agent.decoder.cuda_graphs import DecodeRunner
 from agent.decoder.engine import Engine, load_engine
 from tests.decoder_fixtures import gguf_path
@@ -50,22 +51,9 @@ def engines(path: Path, settings, reference: str = "fp32") -> tuple[Engine, Engi
 
 def greedy_run(engine: Engine, ids: list[int], *, static: bool = False,
                cache_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, list[int]]:
-    """The logits of the prompt [T, vocab] and of STEPS greedy decode steps after it
-    [T + STEPS, vocab] (float32, CPU), and the greedy tokens."""
-    model = engine.model
     if cache_dtype is not None:
-        model.cache_dtype = cache_dtype
-    cache = model.new_cache(3, 256)
-    decode = DecodeRunner(model, cache, static=static)
-    with torch.inference_mode():
-        prompt = model(torch.tensor([ids]), cache, [1], [0], all_logits=True)[0]
-        token, pos, out, rows = int(prompt[-1].argmax()), len(ids), [], [prompt]
-        for _ in range(STEPS):
-            out.append(token)
-            logits = decode([token], [1], [pos])
-            rows.append(logits)
-            token, pos = int(logits[0].argmax()), pos + 1
-    return torch.cat(rows).float().cpu(), out
+        engine.model.cache_dtype = cache_dtype
+    return greedy_logits(engine.model, ids, STEPS, static=static)
 
 
 def close(got: torch.Tensor, want: torch.Tensor, of_range: float) -> bool:

@@ -28,11 +28,18 @@ import triton.language as tl
 from torch import Tensor
 
 from agent.decoder.kernels.interpreter import interpreter_tile, interpreting, matmul_dtype
+from agent.decoder.kernels.triton_gemv import (
+    GEMV_MAX_ROWS,
+    fits_registers,
+    gemv_configs,
+    program_slice,
+    store_rows,
+    tuning_bench,
+)
 from agent.decoder.native import NativeWeight
 from agent.decoder.q8 import Q8Weight
 from agent.errors import ConfigError
 
-GEMV_MAX_ROWS = 16
 AffineWeight = NativeWeight | Q8Weight
 
 
@@ -79,16 +86,9 @@ def _affine_gemv(x_ptr, qw_ptr, sc_ptr, off_ptr, bias_ptr, y_ptr, M, N, K, n_gro
     """y[M, N] (+)= x @ W.T for M <= 16. Program (n, s) owns BLOCK_N outputs and the s-th
     of SPLIT_K slices of the 32-column groups; slices meet by atomic adds into a zeroed
     float32 y."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    pid_k, offs_n, offs_m, mask_n, mask_m, first, last = program_slice(
+        M, N, n_groups, BLOCK_M, BLOCK_N, GROUPS, SPLIT_K)
     j = tl.arange(0, 32)[None, None, :]
-    mask_n = offs_n < N
-    mask_m = offs_m < M
-    per_slice = tl.cdiv(tl.cdiv(n_groups, SPLIT_K), GROUPS) * GROUPS
-    first = pid_k * per_slice
-    last = tl.minimum(first + per_slice, n_groups)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g0 in range(first, last, GROUPS):
         grp = g0 + tl.arange(0, GROUPS)  # [G]
@@ -103,15 +103,8 @@ def _affine_gemv(x_ptr, qw_ptr, sc_ptr, off_ptr, bias_ptr, y_ptr, M, N, K, n_gro
                     other=0.0).to(tl.float32)  # [BM, G, 32]
         prod = x[:, None, :, :] * w[None, :, :, :]  # [BM, BN, G, 32]
         acc += tl.sum(tl.sum(prod, axis=3), axis=2)
-    if HAS_BIAS:  # noqa: SIM102 (a constexpr test, then a runtime one)
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    mask_y = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=mask_y)
+    store_rows(acc, y_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, pid_k,
+               HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -131,28 +124,9 @@ def _affine_dequantise(qw_ptr, sc_ptr, off_ptr, out_ptr, N, Kp, row_bytes, sc_st
              mask=mask)
 
 
-def _gemv_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_N": bn, "GROUPS": g, "SPLIT_K": sk}, num_warps=w)
-            for bn, g, w in ((4, 8, 2), (8, 4, 4), (16, 4, 4), (16, 8, 8), (32, 4, 8),
-                             (8, 2, 2), (16, 2, 4))
-            for sk in (1, 4)]
-
-
-def _fits_registers(configs: list[triton.Config], named_args: dict, **kwargs: object,
-                    ) -> list[triton.Config]:
-    """Tiles whose broadcast product (BLOCK_M x BLOCK_N x GROUPS x 32) stays <= 8K."""
-    rows = kwargs["BLOCK_M"]
-    fit = [c for c in configs if rows * c.kwargs["BLOCK_N"] * c.kwargs["GROUPS"] <= 256]
-    return fit or configs[:1]
-
-
-def _tuning_bench(fn, quantiles):  # type: ignore[no-untyped-def]
-    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
-
-
-_gemv_tuned = triton.autotune(_gemv_configs(), key=["BLOCK_M", "N", "K", "U4", "GROUP"],
-                              prune_configs_by={"early_config_prune": _fits_registers},
-                              reset_to_zero=["y_ptr"], do_bench=_tuning_bench)(_affine_gemv)
+_gemv_tuned = triton.autotune(gemv_configs("GROUPS"), key=["BLOCK_M", "N", "K", "U4", "GROUP"],
+                              prune_configs_by={"early_config_prune": fits_registers("GROUPS")},
+                              reset_to_zero=["y_ptr"], do_bench=tuning_bench)(_affine_gemv)
 
 
 def _factors(w: AffineWeight) -> tuple[Tensor, Tensor, int, int]:
@@ -213,7 +187,7 @@ def affine_linear(x: Tensor, w: AffineWeight, gemv_rows: int = 1) -> Tensor:
     m = x2.shape[0]
     if m == 0:
         y = torch.empty((0, n), dtype=x.dtype, device=x.device)
-    elif m <= gemv_rows:
+    elif m <= min(gemv_rows, GEMV_MAX_ROWS):
         y = affine_gemv(x2, w)
     else:
         dtype = matmul_dtype(x2)

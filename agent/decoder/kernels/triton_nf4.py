@@ -25,7 +25,6 @@ tensor cores' float16 rate), accumulating in float32.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,10 +34,16 @@ import triton.language as tl
 from torch import Tensor
 
 from agent.decoder.kernels.interpreter import interpreter_tile, interpreting, matmul_dtype
+from agent.decoder.kernels.triton_gemv import (
+    GEMV_MAX_ROWS,
+    fits_registers,
+    gemv_configs,
+    program_slice,
+    store_rows,
+    tuning_bench,
+)
 from agent.decoder.nf4 import CODEBOOK, NF4Weight
 from agent.errors import ConfigError
-
-GEMV_MAX_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -142,16 +147,9 @@ def _nf4_gemv(x_ptr, qw_ptr, sc_ptr, lut_ptr, bias_ptr, y_ptr, M, N, K, row_byte
     SPLIT_K > 1 the slices meet by atomic adds into a zeroed float32 `y` (what keeps a
     small-N matrix from leaving most multiprocessors idle).
     """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    pid_k, offs_n, offs_m, mask_n, mask_m, first, last = program_slice(
+        M, N, n_blocks, BLOCK_M, BLOCK_N, BLOCKS, SPLIT_K)
     j = tl.arange(0, 32)
-    mask_n = offs_n < N
-    mask_m = offs_m < M
-    per_slice = tl.cdiv(tl.cdiv(n_blocks, SPLIT_K), BLOCKS) * BLOCKS
-    first = pid_k * per_slice
-    last = tl.minimum(first + per_slice, n_blocks)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for blk0 in range(first, last, BLOCKS):
         blk = blk0 + tl.arange(0, BLOCKS)  # [NB]
@@ -173,15 +171,8 @@ def _nf4_gemv(x_ptr, qw_ptr, sc_ptr, lut_ptr, bias_ptr, y_ptr, M, N, K, row_byte
                            + x_high.to(tl.float32)[:, None, :, :] * high[None, :, :, :],
                            axis=3)  # [BM, BN, NB]
         acc += tl.sum(per_block * scale[None, :, :], axis=2)
-    if HAS_BIAS:  # noqa: SIM102 (a constexpr test, then a runtime one)
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    mask_y = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=mask_y)
+    store_rows(acc, y_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, pid_k,
+               HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -244,27 +235,12 @@ def _nf4_dequantise(qw_ptr, sc_ptr, lut_ptr, out_ptr, N, Kp, MODE: tl.constexpr,
     tl.store(rows + col_high[None, :], high.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _gemv_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_N": bn, "BLOCKS": nb, "SPLIT_K": sk}, num_warps=w)
-            for bn, nb, w in ((4, 4, 2), (8, 4, 4), (16, 2, 4), (16, 4, 8), (32, 2, 8),
-                              (4, 1, 1), (16, 1, 4))
-            for sk in (1, 4)]
-
-
 def _gemm_configs() -> list[triton.Config]:
     small = [(16, bn, bb, 4, 4) for bn in (32, 64, 128) for bb in (32, 64)]
     large = [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3),
              (128, 128, 64, 8, 3), (128, 256, 32, 8, 3)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_BYTES": bb, "GROUP_M": 8},
                           num_warps=w, num_stages=s) for bm, bn, bb, w, s in small + large]
-
-
-def _fits_registers(configs: list[triton.Config], named_args: dict, **kwargs: object,
-                    ) -> list[triton.Config]:
-    """GEMV tiles whose broadcast product (BLOCK_M x BLOCK_N x BLOCKS x 32) stays <= 8K."""
-    rows = kwargs["BLOCK_M"]
-    fit = [c for c in configs if rows * c.kwargs["BLOCK_N"] * c.kwargs["BLOCKS"] <= 256]
-    return fit or configs[:1]
 
 
 def _rows_match(configs: list[triton.Config], named_args: dict, **kwargs: object,
@@ -274,19 +250,14 @@ def _rows_match(configs: list[triton.Config], named_args: dict, **kwargs: object
     return [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == small]
 
 
-def _tuning_bench(fn: Callable[[], object], quantiles: tuple[float, ...]) -> list[float]:
-    """A short timing per candidate tile: enough to rank them, cheap on first use."""
-    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
-
-
 # On CUDA the tile sizes are tuned per shape on first use (a second or two per new shape);
-# the interpreter, which runs every program in numpy, gets one small fixed tile.
-_gemv_tuned = triton.autotune(_gemv_configs(), key=["BLOCK_M", "N", "K", "MODE"],
-                              prune_configs_by={"early_config_prune": _fits_registers},
-                              reset_to_zero=["y_ptr"], do_bench=_tuning_bench)(_nf4_gemv)
+# the interpreter, which runs every program in NumPy, gets interpreter_tile()'s.
+_gemv_tuned = triton.autotune(gemv_configs("BLOCKS"), key=["BLOCK_M", "N", "K", "MODE"],
+                              prune_configs_by={"early_config_prune": fits_registers("BLOCKS")},
+                              reset_to_zero=["y_ptr"], do_bench=tuning_bench)(_nf4_gemv)
 _gemm_tuned = triton.autotune(_gemm_configs(), key=["M_BUCKET", "N", "K", "MODE"],
                               prune_configs_by={"early_config_prune": _rows_match},
-                              do_bench=_tuning_bench)(_nf4_gemm)
+                              do_bench=tuning_bench)(_nf4_gemm)
 
 
 def _gemv(x2: Tensor, w: NF4Weight, lut: Tensor, mode: int) -> Tensor:
