@@ -58,6 +58,15 @@ class ModelMissingError(ParleyError):
     code = "model_not_installed"
 
 
+class ModelUnavailableError(ParleyError):
+    """A loaded model cannot run: a decode step failed (out of GPU memory, a kernel that
+    raised). The request ends; the decoder keeps serving the others."""
+
+    status = 503
+    type = "server_error"
+    code = "model_unavailable"
+
+
 class ModelNotFoundError(ParleyError):
     """A request names a model id Parley does not serve."""
 

@@ -60,7 +60,9 @@ class _StaticStep:
                 self.model.run_step(self.tokens, self.step, self.cache)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: the server's other engines (Whisper, Piper) may use the device
+        # from their own threads while the decoder's worker captures.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.logits = self.model.run_step(self.tokens, self.step, self.cache)
 
     def run(self, tokens: Sequence[int], slots: Sequence[int],

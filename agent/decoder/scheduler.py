@@ -46,7 +46,7 @@ from agent.decoder.cuda_graphs import DecodeRunner
 from agent.decoder.engine import Engine
 from agent.decoder.generate import DEFAULT_PREFILL_CHUNK, Delta, TextStream, Usage
 from agent.decoder.sampling import Sampler, SamplingParams, sample_batch
-from agent.errors import InvalidRequestError, ParleyError
+from agent.errors import InvalidRequestError, ModelUnavailableError, ParleyError
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ class Scheduler:
             step(streams)
         except Exception as exc:  # any failure must reach the callers
             log.exception("decoder step failed")
-            error = _as_parley_error(exc)
+            error = _step_error(exc)
             for s in streams:
                 if s.session is not None and not s.cancelled:
                     s.session.tokens.clear()  # the cache may be half-written: start afresh
@@ -446,6 +446,17 @@ class Scheduler:
 
 def _as_parley_error(exc: BaseException) -> ParleyError:
     return exc if isinstance(exc, ParleyError) else ParleyError(f"decoder error: {exc}")
+
+
+def _step_error(exc: BaseException) -> ParleyError:
+    """What the streams of a failed step end with: the model is what broke (a 503 that
+    says how), unless the error is already a typed one."""
+    if isinstance(exc, ParleyError):
+        return exc
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return ModelUnavailableError("the decoder ran out of GPU memory; fewer llm_streams "
+                                     f"or a smaller model would fit ({exc})")
+    return ModelUnavailableError(f"the decoder failed a step: {type(exc).__name__}: {exc}")
 
 
 def _longest_shared_prefix(sessions: Iterable[_Session], prompt: Sequence[int],

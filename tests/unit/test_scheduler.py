@@ -278,6 +278,33 @@ async def test_a_failing_mask_hook_ends_only_its_own_stream(engine, scheduler):
     assert results[1][1] == expected[1]
 
 
+async def test_a_failing_step_is_a_503_naming_the_decoder_and_the_worker_lives_on(engine):
+    """A decode step that raises (out of GPU memory, a kernel failing) ends the streams
+    in it with a 503 saying the decoder broke; the next request is served."""
+    sched = Scheduler(engine, max_streams=2, max_seq_len=256)
+    real = sched._decode
+    calls = 0
+
+    def failing_once(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(*args)
+
+    sched._decode = failing_once
+    try:
+        with pytest.raises(ParleyError) as caught:
+            await collect(sched, raw(engine, PROMPTS[0]))
+        assert caught.value.status == 503 and caught.value.code == "model_unavailable"
+        assert "decoder failed a step" in caught.value.message
+        assert "illegal memory access" in caught.value.message
+        _, ids, last = await collect(sched, raw(engine, PROMPTS[0]))
+        assert last.finish_reason in ("length", "stop") and ids
+    finally:
+        sched.close()
+
+
 async def test_mask_hook_constrains_batched_streams(engine, scheduler):
     tok = engine.tokenizer
     digits = torch.tensor([bool(tok.token_bytes(i)) and tok.token_bytes(i).isdigit()
