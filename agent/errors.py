@@ -67,6 +67,15 @@ class ModelUnavailableError(ParleyError):
     code = "model_unavailable"
 
 
+class StoreUnavailableError(ParleyError):
+    """The state store cannot be reached. Requests that need it get this 503; nothing
+    they asked for was half-done in the store."""
+
+    status = 503
+    type = "server_error"
+    code = "store_unavailable"
+
+
 class ModelNotFoundError(ParleyError):
     """A request names a model id Parley does not serve."""
 

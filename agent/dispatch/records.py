@@ -10,7 +10,6 @@ runner died mid-call, and the outcome is reported as in doubt rather than run ag
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
@@ -40,9 +39,8 @@ class CallRecords:
             "status": RUNNING, "started_at": now,
             "deadline": now + timeout_s + DEADLINE_GRACE_S}
         for _ in range(5):
-            created = await self.store.client.set(
-                self.store.key(KIND, call.id), json.dumps(record), nx=True,
-                px=int(self.ttl_s * 1000))
+            created = await self.store.put_json_if_absent(KIND, call.id, record,
+                                                          ttl_s=self.ttl_s)
             if created:
                 return None
             existing = await self.get(call.id)
@@ -61,8 +59,7 @@ class CallRecords:
         """Record a result that needed no execution, unless the id is already taken."""
         record = _base(call, context) | {
             "status": DONE, "finished_at": time.time(), "result": result.to_json()}
-        await self.store.client.set(self.store.key(KIND, call.id), json.dumps(record),
-                                    nx=True, px=int(self.ttl_s * 1000))
+        await self.store.put_json_if_absent(KIND, call.id, record, ttl_s=self.ttl_s)
 
     async def wait_done(self, call_id: str) -> dict[str, Any] | None:
         """The record once done; still running if its deadline passed; None if it vanished."""

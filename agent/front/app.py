@@ -35,14 +35,16 @@ log = logging.getLogger("parley")
 
 async def healthz(request: Request) -> JSONResponse:
     store: Store = request.app.state.store
+    store_state: dict[str, object] = {"embedded": store.embedded}
     try:
         store_ok = await store.ping()
-    except Exception:  # a dead store is what this endpoint exists to report
+    except Exception as exc:  # a dead store is what this endpoint exists to report
         store_ok = False
+        store_state["error"] = getattr(exc, "message", str(exc))
     body = {
         "status": "ok" if store_ok else "degraded",
         "version": __version__,
-        "store": {"ok": store_ok, "embedded": store.embedded},
+        "store": {"ok": store_ok, **store_state},
         "models": request.app.state.models,
         "decoder": request.app.state.runtime.decoder_stats(),
     }

@@ -1,42 +1,20 @@
 """`parley serve` as a user starts it: a real process, real HTTP."""
 
 import os
-import socket
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-PARLEY = Path(sys.executable).with_name("parley")
+from tests.server_process import PARLEY, serve
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def server():
     # The default decoder backend, as a user runs it. A server stopped while it builds the
     # CPU extension leaves nothing that blocks the next build: the build flock dies with it.
-    env = dict(os.environ, PARLEY_API_KEYS="sk-integration")
-    proc = subprocess.Popen([str(PARLEY), "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("server did not start: " + (proc.stdout.read() if proc.stdout else ""))
-    yield base
-    proc.terminate()
-    proc.wait(10)
+    with serve({"PARLEY_API_KEYS": "sk-integration"}) as base:
+        yield base
 
 
 def test_healthz_reports_store_and_models(server):
