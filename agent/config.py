@@ -115,27 +115,26 @@ class Settings:
 
 def _coerce(name: str, raw: object, annotation: object) -> object:
     """Turn a TOML value or an environment string into the field's type."""
-    text = isinstance(raw, str)
     try:
         if annotation is bool:
-            if text:
-                lowered = raw.strip().lower()  # type: ignore[union-attr]
+            if isinstance(raw, str):
+                lowered = raw.strip().lower()
                 if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
                     raise ValueError(raw)
                 return lowered in {"1", "true", "yes", "on"}
             return bool(raw)
         if annotation is int:
-            return int(raw)  # type: ignore[arg-type]
+            return int(raw)  # type: ignore[call-overload]
         if annotation is float:
             return float(raw)  # type: ignore[arg-type]
         if annotation is Path:
             return Path(str(raw)).expanduser()
         if annotation == tuple[str, ...]:
-            items = raw.split(",") if text else list(raw)  # type: ignore[union-attr,arg-type]
+            items = raw.split(",") if isinstance(raw, str) else list(raw)  # type: ignore[call-overload]
             return tuple(str(item).strip() for item in items if str(item).strip())
         if annotation == dict[str, str]:
-            if text:
-                pairs = [p.split("=", 1) for p in raw.split(",") if p.strip()]  # type: ignore
+            if isinstance(raw, str):
+                pairs = [p.split("=", 1) for p in raw.split(",") if p.strip()]
                 return {k.strip(): v.strip() for k, v in pairs}
             return {str(k): str(v) for k, v in dict(raw).items()}  # type: ignore[call-overload]
         return str(raw)

@@ -7,6 +7,13 @@ translation happens in one place and no stage has to know about HTTP.
 from __future__ import annotations
 
 
+def error_object(message: str, type: str = "server_error", param: str | None = None,
+                 code: str | None = None) -> dict:
+    """OpenAI's error shape, {"error": {message, type, param, code}}: built here only (HTTP
+    bodies, realtime `error` events, the 401 of the key check all take it from here)."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
 class ParleyError(Exception):
     """Base of every error Parley reports to a client."""
 
@@ -23,14 +30,7 @@ class ParleyError(Exception):
 
     def to_dict(self) -> dict:
         """The OpenAI error object: {"error": {message, type, param, code}}."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        return error_object(self.message, self.type, self.param, self.code)
 
 
 class InvalidRequestError(ParleyError):

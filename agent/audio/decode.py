@@ -223,6 +223,8 @@ def _demux(data: bytes, kind: str, rate: int, max_seconds: float, deadline: floa
         if not container.streams.audio:
             raise AudioError(f"The {label} file has no audio stream.")
         stream = container.streams.best("audio")
+        if not isinstance(stream, av.AudioStream):  # e.g. a WAV header with no channels
+            raise AudioError(f"The {label} file has no decodable audio stream.")
         declared_seconds = _declared_seconds(kind, data, container)
         if declared_seconds is not None:
             _check_length(declared_seconds - _LENGTH_SLACK_SECONDS, max_seconds)
@@ -263,7 +265,7 @@ def _decode_packets(
         collector.check_time()
         if packet.size:
             count.total += 1
-            count.last = (packet.pos, packet.size)
+            count.last = None if packet.pos is None else (packet.pos, packet.size)
         try:
             frames = packet.decode()
         except av.InvalidDataError:

@@ -84,7 +84,9 @@ class _CodecWriter:
     def __init__(self, spec: OutputFormat, rate: int, target: io.BytesIO | _Sink):
         options = {"page_duration": str(_OGG_PAGE_MICROSECONDS)} if spec.muxer == "ogg" else {}
         self._container = av.open(target, mode="w", format=spec.muxer, options=options)
-        self._stream = self._container.add_stream(spec.codec, rate=rate, layout="mono")
+        assert spec.codec is not None, "a raw format has no encoder"
+        self._stream: av.AudioStream = self._container.add_stream(  # type: ignore[assignment]
+            spec.codec, rate=rate, layout="mono")
         if spec.bit_rate:
             self._stream.codec_context.bit_rate = spec.bit_rate
         self._rate = rate

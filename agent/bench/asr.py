@@ -175,7 +175,7 @@ def bench_asr(settings: Settings, quick: bool = False) -> list[dict]:
         clips = {size: _speak(text, settings) for size, text in CLIPS.items()}
         turns = [_speak(text, settings) for text in TURNS[: 3 if quick else len(TURNS)]]
         for window in ("short", "full"):  # warm-up: first calls allocate CTranslate2 buffers
-            engine.transcribe(clips[3], window=window)  # type: ignore[arg-type]
+            engine.transcribe(clips[3], window=window)
         rows = [{"metric": f"ASR model load (whisper base, {engine.device}, "
                            f"{settings.asr_compute_type})",
                  "value": round(load_s, 2), "unit": "s", "target": None}]

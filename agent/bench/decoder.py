@@ -153,7 +153,7 @@ def _parley_contenders(settings: Settings, model_name: str, n_decode: int,
         if backend != "fp32":
             _use_kernel_threads(settings, threads)
         engine = load_engine(model_name, backend=backend, progress=False,
-                             settings=replace(settings, **changes))
+                             settings=replace(settings, **changes))  # type: ignore[arg-type]
         torch.set_num_threads(threads)
         if (engine.weights, engine.activations) in seen:
             continue  # the default already is this one (a 16-bit source runs NF4)

@@ -92,6 +92,7 @@ def tiny_pair(weights: str, device: str) -> tuple[Transformer, Transformer]:
 
 
 def _as_q4_1(linear: nn.Module) -> Any:
+    assert isinstance(linear, nn.Linear)
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize
 
@@ -150,6 +151,7 @@ def _random_weights(model: Transformer, device: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in linear_names(model):
         lin = model.get_submodule(name)
+        assert isinstance(lin, nn.Linear)
         n, k = lin.out_features, lin.in_features
         kp = -(-k // 64) * 64
         scale = 1.6 / k ** 0.5  # codebook values have RMS ~0.6: weights ~N(0, 1/K)

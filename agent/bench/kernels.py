@@ -111,6 +111,7 @@ def bench_model(name: str, decode_rows: tuple[int, ...] = DECODE_ROWS,
         dense = torch.randn(n, k, device="cuda", generator=gen) * 0.02
         bias = torch.randn(n, device="cuda", generator=gen) if has_bias else None
         w = TritonBackend("cuda").prepare(nf4.quantise(dense, bias))
+        assert isinstance(w, nf4.NF4Weight)
         w16 = nf4.dequantise(w, torch.float32).to(torch.float16)  # same values as NF4
         b16 = None if bias is None else bias.half()
         del dense

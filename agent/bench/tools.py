@@ -130,7 +130,7 @@ class ToolBench:
 
     def __init__(self, settings: Settings, name: str, scheduler: Any,
                  tools: list[dict[str, Any]]):
-        from agent.dispatch.validation import make_validator
+        from agent.json_schema import make_validator
 
         self.name = name
         self.settings = dataclasses.replace(settings, llm_model=name)  # so chat accepts it

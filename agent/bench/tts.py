@@ -36,7 +36,7 @@ async def _first_audio_seconds(engine: TTSEngine, speed: float) -> float:
         await anext(stream)
         return time.perf_counter() - start
     finally:
-        await stream.aclose()
+        await stream.aclose()  # type: ignore[attr-defined]
 
 
 def _rtf(engine: TTSEngine, repeats: int) -> tuple[float, float, float]:

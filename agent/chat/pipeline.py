@@ -262,7 +262,7 @@ async def _one_choice(index: int, plan: Plan, queue: asyncio.Queue, streaming: b
             _speak(index, request, plan.tts, to_speech, queue, streaming)) \
             if request.audio else None
     seconds = speech.result() if speech else 0.0
-    text, calls = "".join(text_parts), ()
+    text, calls = "".join(text_parts), tuple[ToolCall, ...]()
     if split is not None and split.mode == "calls":
         head, parsed = parse_tool_calls(text)
         calls = tuple(ToolCall(split.calls[i][0] if i < len(split.calls) else "", c.name,

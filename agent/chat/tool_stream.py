@@ -68,10 +68,10 @@ class ToolStream:
             args_at = head_end + len(_HEAD_END)
             args = call[args_at:]
             end = args.find(_TAIL)
-            first = not self.calls
-            if not first and self.sent < 0 and end < 0:
+            is_first = not self.calls
+            if not is_first and self.sent < 0 and end < 0:
                 return "", out  # a later call is held until whole: it may be a repeat
-            if self.sent < 0 or first:
+            if self.sent < 0 or is_first:
                 head = call[len(CALL_OPEN):head_end].strip().removeprefix("{")
                 name = json.loads(head.rstrip().rstrip(",").split(":", 1)[1])
                 body = (name, args[:end] if end >= 0 else None)

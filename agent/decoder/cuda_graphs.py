@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,7 +36,7 @@ class _StaticStep:
     """One bucket's buffers, and the step over them: captured, or run as it is."""
 
     def __init__(self, model: Transformer, cache: KVCache, rows: int, capture: bool,
-                 pool: object | None):
+                 pool: Any | None):
         dev = model.device
         self.model, self.cache, self.rows = model, cache, rows
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=dev)
@@ -49,7 +50,7 @@ class _StaticStep:
         if capture:
             self._capture(pool)
 
-    def _capture(self, pool: object | None) -> None:
+    def _capture(self, pool: Any | None) -> None:
         # Warm-up off the capturing stream first: Triton tunes and compiles each kernel on
         # its first call, which a capture must not contain. All rows are padding here, so
         # no cache position is written.

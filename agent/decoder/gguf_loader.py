@@ -108,7 +108,7 @@ def _parse(path: Path) -> tuple[dict[str, Any], list[TensorInfo], np.memmap]:
     if not path.is_file():
         raise ConfigError(f"GGUF file not found: {path}")
     data = np.memmap(path, dtype=np.uint8, mode="r")
-    head = _Header(memoryview(data))
+    head = _Header(memoryview(data.data))
     try:
         if head.scalar("<I") != 0x46554747:  # b"GGUF" little-endian
             raise ValueError("bad magic")

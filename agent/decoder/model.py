@@ -168,7 +168,7 @@ class KVCache:
 
     def update(self, layer: int, step: Step, k: Tensor, v: Tensor) -> None:
         """Store k, v [B * T, n_kv_head, head_dim] at each row's slot and positions."""
-        if step.write_k is not None:  # one row: a strided copy into the slot's positions
+        if step.write_k is not None and step.write_v is not None:  # one row: strided copies
             step.write_k[layer].copy_(k.transpose(0, 1))  # [Hkv, T, D]
             step.write_v[layer].copy_(v.transpose(0, 1))
         else:

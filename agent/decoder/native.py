@@ -152,8 +152,9 @@ def _unpack(blocks: np.ndarray, qtype: Q) -> Unpacked:
         ql, qh = blocks[..., 0:128], blocks[..., 128:192]
         sc = blocks[..., 192:208].copy().view(np.int8).astype(np.float32)
         d = _f16(blocks[..., 208:210])
-        low = ql.reshape(r, -1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
-        low = (low & 0x0F).reshape(r, -1, 8, 32)
+        shifted = ql.reshape(r, -1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(
+            1, 1, 1, 2, 1)
+        low = (shifted & 0x0F).reshape(r, -1, 8, 32)
         high = qh.reshape(r, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(
             1, 1, 1, 4, 1)
         high = (high & 0x03).reshape(r, -1, 8, 32)

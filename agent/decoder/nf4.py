@@ -176,13 +176,14 @@ def quantise(weight: Tensor, bias: Tensor | None = None, double_quant: bool = Fa
                             for i in range(0, n, 4096)]) if n else absmax
     if absmax.numel() and float(absmax.max()) > torch.finfo(torch.float16).max:
         raise ConfigError("weight magnitude exceeds float16 range; NF4 scales are float16")
+    offset: Tensor | None = None
+    step: Tensor | None = None
     if double_quant:
         q_scales, offset, step, scale = _double_quantise(absmax)
         stored: Tensor = q_scales
     else:
         stored = absmax.to(torch.float16)
         scale = stored.to(torch.float32)
-        offset = step = None
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     normed = (blocks / safe[..., None]).clamp(-1.0, 1.0)  # [N, B, 64]
     codes = _nearest(normed)

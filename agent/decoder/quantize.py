@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from agent.decoder import native, nf4, q8
-from agent.decoder.kernels import Backend, get_backend
+from agent.decoder.kernels import AnyWeight, Backend, get_backend
 from agent.decoder.native import NativeWeight
 from agent.decoder.nf4 import NF4Weight
 from agent.decoder.q8 import Q8Weight
@@ -97,7 +97,6 @@ def gguf_parts(name: str, tied: bool) -> list[str]:
     return [f"blk.{layer}.{p}.weight" for p in parts]
 
 
-AnyWeight = NF4Weight | Q8Weight | NativeWeight
 
 
 class QuantLinear(nn.Module):
@@ -218,7 +217,7 @@ def cached_weights(cache_path: Path | None, model: nn.Module, names: list[str],
     if loaded is None or sorted(loaded[0]) != sorted(names):
         return None
     for name in names:
-        if loaded[0][name].shape != tuple(model.get_submodule(name).weight.shape):
+        if loaded[0][name].shape != tuple(_linear(model, name).weight.shape):
             return None
     return loaded[0]
 
@@ -312,7 +311,7 @@ def quantize_model(model: nn.Module, backend: Backend | str = "auto",
         chosen = dict(native_weights(model, names, Path(gguf_path), tensor_types))
     elif weights == "q8":
         chosen = {name: q8.quantise(_float_weight(model, name),
-                                    model.get_submodule(name).bias) for name in names}
+                                    _linear(model, name).bias) for name in names}
     else:
         options = {"double_quant": str(double_quant), "scale_search": str(scale_search),
                    "head": head}
@@ -337,8 +336,15 @@ def install_weights(model: nn.Module, weights: dict[str, AnyWeight],
     return model
 
 
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    linear = model.get_submodule(name)
+    if not isinstance(linear, nn.Linear):
+        raise ConfigError(f"{name} is a {type(linear).__name__}, not a linear layer")
+    return linear
+
+
 def _float_weight(model: nn.Module, name: str) -> Tensor:
-    weight = model.get_submodule(name).weight
+    weight = _linear(model, name).weight
     if weight.device.type == "meta":
         raise ConfigError(f"{name} has no weights to quantise (meta)")
     return weight.data
@@ -358,9 +364,11 @@ def _fuse_feed_forwards(model: nn.Module) -> None:
                and not isinstance(mod, QuantFeedForward)]
     for name in targets:
         mod = model.get_submodule(name)
-        if mod.w13.out_features != 2 * mod.w2.in_features:
+        w13, w2 = mod.w13, mod.w2
+        assert isinstance(w13, QuantLinear) and isinstance(w2, QuantLinear)
+        if w13.out_features != 2 * w2.in_features:
             continue
-        _set_submodule(model, name, QuantFeedForward(mod.w13, mod.w2))
+        _set_submodule(model, name, QuantFeedForward(w13, w2))
 
 
 def _swap_norms(model: nn.Module, backend: Backend) -> None:
@@ -374,6 +382,7 @@ def _swap_norms(model: nn.Module, backend: Backend) -> None:
     names = [name for name, mod in model.named_modules() if isinstance(mod, RMSNorm)]
     for name in names:
         norm = model.get_submodule(name)
+        assert isinstance(norm, RMSNorm)
         _set_submodule(model, name, KernelRMSNorm(norm.weight, norm.eps, kernel))
 
 

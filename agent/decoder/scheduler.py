@@ -394,13 +394,14 @@ class Scheduler:
         if not rows:
             return
         rows.sort(key=lambda s: s.session.slot)  # type: ignore[union-attr]
-        tokens = [s.pending for s in rows]
+        tokens = [s.pending for s in rows if s.pending is not None]
+        assert len(tokens) == len(rows)  # every stream in decode has its next token
         slots = [s.session.slot for s in rows]  # type: ignore[union-attr]
         positions = [len(s.session.tokens) for s in rows]  # type: ignore[union-attr]
         logits = self._decode(tokens, slots, positions)  # [B, vocab]
         self.largest_batch = max(self.largest_batch, len(rows))
-        for s in rows:
-            s.session.tokens.append(s.pending)  # type: ignore[union-attr]
+        for s, fed in zip(rows, tokens, strict=True):
+            s.session.tokens.append(fed)  # type: ignore[union-attr]
         if all(s.sampler.plain_greedy for s in rows):
             for s, token in zip(rows, sample_batch(logits, [s.sampler for s in rows],
                                                    [[] for _ in rows]), strict=True):

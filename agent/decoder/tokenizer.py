@@ -161,7 +161,7 @@ class Tokenizer:
     @staticmethod
     def _build(vocab: Vocabulary) -> tuple[HFTokenizer, HFTokenizer]:
         ids = {tok: i for i, tok in enumerate(vocab.tokens)}
-        merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
+        merges = [(a, b) for a, _, b in (m.partition(" ") for m in vocab.merges)]
         base = HFTokenizer(models.BPE(vocab=ids, merges=merges, fuse_unk=False,
                                       byte_fallback=False))
         base.pre_tokenizer = vocab.pre_tokenizer or _pre_tokenizer(vocab.pre)

@@ -190,9 +190,10 @@ class Dispatcher:
         if record.get("fingerprint") != call.fingerprint():
             return _reused(call, time.perf_counter())
         if record.get("status") != DONE:
-            record = await self.records.wait_done(call.id)
-            if record is None:  # the claim was released (it expired): run it properly now
+            done = await self.records.wait_done(call.id)
+            if done is None:  # the claim was released (it expired): run it properly now
                 return await self.execute(call, context)
+            record = done
         if record.get("status") != DONE:
             return _failed(call, ErrorCode.IN_DOUBT,
                            "an earlier attempt of this call stopped without reporting back; "

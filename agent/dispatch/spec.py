@@ -22,8 +22,8 @@ from typing import Any
 import jsonschema
 
 from agent.dispatch.types import CallContext, SideEffect
-from agent.dispatch.validation import make_validator
 from agent.errors import ConfigError
+from agent.json_schema import make_validator, validator_class
 
 NOT_FOR_MODEL = "x-parley-not-for-model"
 # OpenAI's rule for function names.
@@ -50,7 +50,7 @@ class ToolSpec:
         if self.parameters.get("type") != "object":
             raise ConfigError(f"tool {self.name!r}: parameters must be an object schema")
         try:
-            jsonschema.validators.validator_for(self.parameters).check_schema(self.parameters)
+            validator_class(self.parameters)
         except jsonschema.SchemaError as exc:
             raise ConfigError(f"tool {self.name!r}: invalid schema: {exc.message}") from exc
         if not self.timeout_s > 0:

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.errors import ParleyError
+
 
 class SideEffect(enum.StrEnum):
     """What running a tool does to the world; it decides retries and confirmation."""
@@ -77,17 +79,19 @@ class ErrorCode(enum.StrEnum):
     STORE_UNAVAILABLE = "store_unavailable"  # the state store failed: nothing was run
 
 
-class ToolError(Exception):
+class ToolError(ParleyError):
     """Raised by a backend for an outcome the model should explain to the user.
 
-    `details` is extra JSON the model may use (alternatives, limits left, ...).
+    `details` is extra JSON the model may use (alternatives, limits left, ...). The
+    dispatcher turns it into a failed ToolResult; should one ever reach a client, it is a
+    typed error like any other.
     """
+
+    code: str
 
     def __init__(self, message: str, *, code: str = ErrorCode.TOOL_ERROR,
                  details: dict[str, Any] | None = None):
-        super().__init__(message)
-        self.message = message
-        self.code = str(code)
+        super().__init__(message, code=str(code))
         self.details = details or {}
 
 

@@ -11,9 +11,9 @@ import json
 from typing import Any
 
 import jsonschema
-from jsonschema.exceptions import ValidationError, best_match
 
 from agent.dispatch.types import ErrorCode, ToolError
+from agent.json_schema import Problem, first_problem
 
 MAX_ARGUMENT_BYTES = 64 * 1024
 
@@ -28,42 +28,17 @@ def parse_arguments(text: str, validator: jsonschema.protocols.Validator) -> dic
         raise _invalid(f"the arguments are not valid JSON ({exc})", None) from exc
     if not isinstance(value, dict):
         raise _invalid("the arguments must be a JSON object", None)
-    error = best_match(validator.iter_errors(value))
-    if error is not None:
-        raise _describe(error)
+    problem = first_problem(validator.iter_errors(value))
+    if problem is not None:
+        raise _describe(problem)
     return value
 
 
-def make_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
-    cls = jsonschema.validators.validator_for(schema)
-    return cls(schema, format_checker=cls.FORMAT_CHECKER)
-
-
-def field_path(path: Any) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _describe(error: ValidationError) -> ToolError:
-    # anyOf/oneOf: the innermost error at the same place is the one the model can act on.
-    while error.context:
-        deeper = best_match(error.context)
-        if deeper is None:
-            break
-        error = deeper
-    where = field_path(error.absolute_path)
-    if error.validator == "required":
-        missing = [name for name in error.validator_value if name not in error.instance]
-        name = missing[0] if missing else "?"
-        full = f"{where}.{name}" if where else name
+def _describe(problem: Problem) -> ToolError:
+    error, where, full = problem.error, problem.path, problem.field
+    if problem.kind == "required":
         return _invalid(f"missing required field '{full}'", full)
-    if error.validator == "additionalProperties":
-        known = error.schema.get("properties", {})
-        extra = sorted(key for key in error.instance if key not in known)
-        name = extra[0] if extra else "?"
-        full = f"{where}.{name}" if where else name
+    if problem.kind == "unknown":
         return _invalid(f"unknown field '{full}'", full)
     message = error.message if len(error.message) <= 200 else error.message[:199] + "…"
     if not where:

@@ -16,10 +16,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from agent import __version__
+from agent.api_keys import with_api_keys
 from agent.assets import MODELS, resolve
 from agent.config import Settings
-from agent.errors import ModelMissingError, ParleyError, client_error
-from agent.front.auth import APIKeyMiddleware, with_api_keys
+from agent.errors import ModelMissingError, ParleyError, client_error, error_object
+from agent.front.auth import APIKeyMiddleware
 from agent.front.chat import chat_completions
 from agent.front.openapi import openapi
 from agent.front.realtime_secrets import ROUTES as REALTIME_SECRET_ROUTES
@@ -69,7 +70,7 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": code}}
+    body = error_object(str(exc.detail), kind, code=code)
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
@@ -77,8 +78,7 @@ async def server_error(request: Request, exc: Exception) -> JSONResponse:
     if (known := client_error(exc)) is not None:  # raised inside a task group
         return JSONResponse(known.to_dict(), status_code=known.status)
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    body = {"error": {"message": "internal server error", "type": "server_error",
-                      "param": None, "code": None}}
+    body = error_object("internal server error")
     return JSONResponse(body, status_code=500)
 
 

@@ -29,7 +29,7 @@ from agent.chat.server_tools import (
 )
 from agent.errors import ParleyError, client_error
 from agent.front.body import read_json
-from agent.front.validation import validate
+from agent.request_validation import validate
 from agent.runtime import Runtime
 
 SCHEMA = "openai/chat_completion_request"

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from agent import __version__
-from agent.front.validation import schema
+from agent.request_validation import schema
 
 ERROR = {
     "type": "object",

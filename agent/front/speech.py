@@ -14,8 +14,8 @@ from agent.audio import StreamingEncoder, output_format
 from agent.chat.pipeline import audio_tokens  # the usage rule (README)
 from agent.errors import ParleyError, VoiceError
 from agent.front.body import read_json
-from agent.front.validation import validate
 from agent.model_ids import resolve_model
+from agent.request_validation import validate
 from agent.runtime import Runtime
 
 SCHEMA = "openai/speech_request"

@@ -14,8 +14,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from agent.audio import decode_audio
 from agent.errors import AudioError, InvalidRequestError
 from agent.front.body import PayloadTooLarge, body_limit
-from agent.front.validation import validate
 from agent.model_ids import resolve_model
+from agent.request_validation import validate
 from agent.runtime import Runtime
 from agent.speech.transcript import Transcript
 

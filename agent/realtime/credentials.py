@@ -37,18 +37,19 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
+from agent.api_keys import bearer_token, key_is_valid
 from agent.config import Settings
 from agent.dispatch.types import key_fingerprint
 from agent.errors import InvalidRequestError, ModelNotFoundError
-from agent.front.auth import bearer_token, key_is_valid
-from agent.front.validation import validate
 from agent.model_ids import resolve_model
 from agent.realtime.protocol import RealtimeError, new_session_id, parse_session, session_to_beta
 from agent.realtime.session_config import apply_update, default_session, to_session_object
+from agent.request_validation import validate
 from agent.state.store import Store
 
 REALTIME_SUBPROTOCOL = "realtime"
@@ -106,7 +107,7 @@ class CredentialsError(RealtimeError):
 
 # --- the WebSocket handshake --------------------------------------------------------------
 
-async def authenticate_websocket(scope: dict[str, Any], settings: Settings,
+async def authenticate_websocket(scope: MutableMapping[str, Any], settings: Settings,
                                  store: Store) -> Credentials:
     """The credentials of an ASGI websocket `scope`, or CredentialsError.
 
@@ -146,7 +147,7 @@ async def authenticate_websocket(scope: dict[str, Any], settings: Settings,
     return Credentials(token, key_fingerprint(token), None, subprotocol, beta)
 
 
-def offered_subprotocols(scope: dict[str, Any]) -> list[str]:
+def offered_subprotocols(scope: MutableMapping[str, Any]) -> list[str]:
     """The subprotocols the client offered, in its order (ASGI's `subprotocols`, else the
     Sec-WebSocket-Protocol headers)."""
     listed = scope.get("subprotocols")
@@ -165,7 +166,7 @@ def choose_subprotocol(offered: list[str]) -> str | None:
     return None
 
 
-def wants_beta(scope: dict[str, Any], offered: list[str]) -> bool:
+def wants_beta(scope: MutableMapping[str, Any], offered: list[str]) -> bool:
     """`OpenAI-Beta: realtime=v1` (among comma-separated values) or its subprotocol form."""
     if BETA_SUBPROTOCOL in offered:
         return True
@@ -185,7 +186,7 @@ def _subprotocol_token(offered: list[str]) -> str | None:
     return None
 
 
-def _query(scope: dict[str, Any]) -> str:
+def _query(scope: MutableMapping[str, Any]) -> str:
     raw = scope.get("query_string") or b""
     return raw.decode("latin-1") if isinstance(raw, bytes) else str(raw)
 

@@ -29,10 +29,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jsonschema
-from jsonschema.exceptions import ValidationError, best_match
 from referencing import Registry, Resource
 
-from agent.front.validation import param_path, schema
+from agent.errors import InvalidRequestError, ParleyError
+from agent.json_schema import Problem, first_problem, schema, validator_class
 
 CLIENT_SCHEMA = "realtime/client_events"
 SERVER_SCHEMA = "realtime/server_events"
@@ -41,24 +41,26 @@ MAX_APPEND_BYTES = 15 * 1024 * 1024
 _MAX_ECHOED_EVENT_ID = 512
 
 
-class RealtimeError(Exception):
+class RealtimeError(InvalidRequestError):
     """A client mistake reported as an `error` event; the session goes on afterwards."""
 
     def __init__(self, message: str, *, code: str | None = "invalid_value",
                  param: str | None = None, event_id: str | None = None,
                  type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.message = message
+        super().__init__(message, param=param)
         self.code = code
-        self.param = param
         self.event_id = event_id
         self.type = type
 
     def to_event(self) -> dict[str, Any]:
         """The `error` server event; `error.event_id` is the offending client event's id."""
-        return server_event("error", error={
-            "type": self.type, "code": self.code, "message": self.message,
-            "param": self.param, "event_id": self.event_id})
+        return error_event(self, self.event_id)
+
+
+def error_event(error: ParleyError, event_id: str | None) -> dict[str, Any]:
+    """The `error` server event for any typed error: OpenAI's error object, with the id of
+    the client event that caused it."""
+    return server_event("error", error={**error.to_dict()["error"], "event_id": event_id})
 
 
 # --- ids ----------------------------------------------------------------------------------
@@ -117,10 +119,7 @@ def client_event_types() -> tuple[str, ...]:
 
 @functools.cache
 def _client_schema_class() -> type[jsonschema.protocols.Validator]:
-    root = schema(CLIENT_SCHEMA)
-    cls = jsonschema.validators.validator_for(root)
-    cls.check_schema(root)
-    return cls
+    return validator_class(schema(CLIENT_SCHEMA))
 
 
 @functools.cache
@@ -151,52 +150,41 @@ def _inline(node: Any, root: dict[str, Any]) -> Any:
 
 @functools.cache
 def _server_validator() -> jsonschema.protocols.Validator:
-    spec = schema(SERVER_SCHEMA)
-    cls = jsonschema.validators.validator_for(spec)
-    cls.check_schema(spec)
+    cls = validator_class(schema(SERVER_SCHEMA))
     return cls({"$ref": f"parley:{SERVER_SCHEMA}"}, registry=_registry())
 
 
 def validate_server_event(event: dict[str, Any]) -> None:
     """Raise ValueError if `event` is not a server event as server_events.json describes."""
-    error = best_match(_server_validator().iter_errors(event))
-    if error is not None:
-        where = param_path(error.absolute_path) or "the event"
-        raise ValueError(f"{event.get('type')!r} event, at {where}: {error.message[:500]}")
+    problem = first_problem(_server_validator().iter_errors(event))
+    if problem is not None:
+        where = problem.path or "the event"
+        raise ValueError(f"{event.get('type')!r} event, at {where}: "
+                         f"{problem.error.message[:500]}")
 
 
 Rename = Callable[[str], str]
 
 
 def _check(event_type: str, event: dict[str, Any], rename: Rename) -> None:
-    error = best_match(_client_validator(event_type).iter_errors(event))
-    if error is not None:
-        raise _schema_error(error, rename)
+    problem = first_problem(_client_validator(event_type).iter_errors(event))
+    if problem is not None:
+        raise _schema_error(problem, rename)
 
 
-def _schema_error(error: ValidationError, rename: Rename) -> RealtimeError:
-    # For anyOf/oneOf failures, the innermost error is the one a person can act on.
-    while error.context:
-        deeper = best_match(error.context)
-        if deeper is None:
-            break
-        error = deeper
-    path = param_path(error.absolute_path)
+def _schema_error(problem: Problem, rename: Rename) -> RealtimeError:
+    error, path = problem.error, problem.path
     param = rename(path) if path else None
     where = f"'{param}'" if param else "the event"
     spec = error.schema if isinstance(error.schema, dict) else {}
     if hint := spec.get("x-parley-unsupported"):
         return RealtimeError(f"Unsupported parameter: {where}. {hint}", param=param,
                              code="unsupported_parameter")
-    if error.validator == "required":
-        missing = next(k for k in error.validator_value if k not in error.instance)
-        full = rename(f"{path}.{missing}" if path else missing)
-        return RealtimeError(f"Missing required parameter: '{full}'.", param=full,
-                             code="missing_required_parameter")
-    if error.validator == "additionalProperties":
-        known = spec.get("properties", {})
-        extra = sorted(k for k in error.instance if k not in known)
-        full = rename(f"{path}.{extra[0]}" if path else extra[0])
+    if problem.kind in ("required", "unknown"):
+        full = rename(problem.field or "")
+        if problem.kind == "required":
+            return RealtimeError(f"Missing required parameter: '{full}'.", param=full,
+                                 code="missing_required_parameter")
         return RealtimeError(f"Unknown parameter: '{full}'.", param=full,
                              code="unknown_parameter")
     if error.validator == "type":
@@ -433,10 +421,12 @@ def beta_session_to_ga(session: dict[str, Any]) -> dict[str, Any]:
         elif key != "client_secret":    # beta's client_secret only shaped key minting
             out[key] = value
     if audio_in or audio_out:
-        audio = out.get("audio") if isinstance(out.get("audio"), dict) else {}
+        current = out.get("audio")
+        audio: dict[str, Any] = current if isinstance(current, dict) else {}
         for side, fields in (("input", audio_in), ("output", audio_out)):
             if fields:
-                given = audio.get(side) if isinstance(audio.get(side), dict) else {}
+                held = audio.get(side)
+                given: dict[str, Any] = held if isinstance(held, dict) else {}
                 audio = {**audio, side: {**given, **fields}}
         out["audio"] = audio
     return out

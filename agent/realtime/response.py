@@ -324,7 +324,7 @@ class ResponseWriter:
 
     async def _done(self, error: Exception | None = None) -> None:
         run = self.run
-        details = None
+        details: dict[str, Any] | None = None
         if run.status == "cancelled":
             details = {"type": "cancelled", "reason": run.cancel_reason or "client_cancelled"}
         elif run.status == "incomplete":

@@ -36,6 +36,7 @@ from agent.realtime.input import RATE, InputAudio
 from agent.realtime.protocol import (
     RealtimeError,
     decode_audio,
+    error_event,
     new_item_id,
     new_response_id,
     new_session_id,
@@ -81,7 +82,8 @@ class Session:
             self.settings.realtime_send_queue)
         self.input = InputAudio(config.input_format, config.turn_detection, vad_model, asr,
                                 max_buffer_s=self.settings.realtime_max_buffer_s,
-                                language=config.transcription and config.transcription.language)
+                                language=config.transcription.language
+                                if config.transcription else None)
         self.dispatcher = dispatcher
         self.voice_locked = any(i.get("role") == "assistant" for i in conversation.items)
         self.response: ResponseRun | None = None
@@ -606,7 +608,5 @@ def _ms(later: float | None, earlier: float | None) -> int | None:
 
 
 def _error_event(exc: Exception, event_id: str | None) -> dict[str, Any]:
-    known = client_error(exc) or ParleyError("internal server error")
-    body = known.to_dict()["error"]
-    return server_event("error", error={**body, "event_id": event_id})
+    return error_event(client_error(exc) or ParleyError("internal server error"), event_id)
 

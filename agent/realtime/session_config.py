@@ -24,6 +24,7 @@ from typing import Any, Literal
 import jsonschema
 
 from agent.config import Settings
+from agent.json_schema import validator_class
 from agent.realtime.protocol import RealtimeError, beta_param, session_to_beta
 
 DEFAULT_INSTRUCTIONS = (
@@ -242,7 +243,7 @@ def _tools(tools: list[dict[str, Any]], where: Where) -> tuple[dict[str, Any], .
 def _check_parameters(parameters: dict[str, Any], param: str) -> None:
     # The decoder turns these into a grammar; a broken schema must fail here, not mid-turn.
     try:
-        jsonschema.validators.validator_for(parameters).check_schema(parameters)
+        validator_class(parameters)
     except jsonschema.SchemaError as exc:
         raise RealtimeError(f"Invalid value for '{param}': not a valid JSON Schema "
                             f"({exc.message[:200]}).", param=param) from None
@@ -274,9 +275,9 @@ def _turn_detection(config: SessionConfig, given: dict[str, Any] | None) -> Turn
     # Same kind: merge into the current settings. New kind: start from the defaults.
     base = current if current is not None and current.type == kind else \
         dataclasses.replace(config.vad_defaults, type=kind, eagerness=None)
-    fields = {k: given[k] for k in ("threshold", "prefix_padding_ms", "silence_duration_ms",
-                                    "create_response", "interrupt_response", "idle_timeout_ms")
-              if k in given}
+    names = ("threshold", "prefix_padding_ms", "silence_duration_ms", "create_response",
+             "interrupt_response", "idle_timeout_ms")
+    fields: dict[str, Any] = {k: given[k] for k in names if k in given}
     if kind == "semantic_vad":
         eagerness = given.get("eagerness", base.eagerness or "auto")
         fields.update(eagerness=eagerness, silence_duration_ms=SEMANTIC_SILENCE_MS[eagerness],

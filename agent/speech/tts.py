@@ -66,12 +66,13 @@ class AudioChunk:
 def check_speed(speed: object) -> float:
     """The speed as a float in [0.25, 4.0], or InvalidRequestError(param="speed")."""
     valid = isinstance(speed, int | float) and not isinstance(speed, bool)
-    if not valid or not math.isfinite(speed) or not MIN_SPEED <= speed <= MAX_SPEED:  # type: ignore[arg-type]
+    if not (valid and isinstance(speed, int | float) and math.isfinite(speed)
+            and MIN_SPEED <= speed <= MAX_SPEED):
         raise InvalidRequestError(
             f"speed must be a number from {MIN_SPEED} to {MAX_SPEED}, got {speed!r}",
             param="speed",
         )
-    return float(speed)  # type: ignore[arg-type]
+    return float(speed)
 
 
 def speakable(text: str) -> str:

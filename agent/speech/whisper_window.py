@@ -26,11 +26,16 @@ import itertools
 import re
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import ctranslate2
 import numpy as np
 
 from agent.speech.transcript import Segment, Transcript, Word
+
+if TYPE_CHECKING:  # faster_whisper loads CTranslate2's models: imported where it runs
+    from faster_whisper import WhisperModel
+    from faster_whisper.tokenizer import Tokenizer
 
 RATE = 16_000
 HOP = 160                     # samples per mel frame (10 ms)
@@ -139,7 +144,7 @@ class ShortWindow:
     aligner are reused so the output matches its own transcripts.
     """
 
-    def __init__(self, model: object) -> None:
+    def __init__(self, model: WhisperModel) -> None:
         self.model = model
 
     def features(self, audio: np.ndarray) -> tuple[np.ndarray, int] | None:
@@ -162,7 +167,7 @@ class ShortWindow:
         token, probability = self.model.model.detect_language(encoded)[0][0]
         return token[2:-2], float(probability)
 
-    def decode(self, encoded: ctranslate2.StorageView, tokenizer: object, duration: float,
+    def decode(self, encoded: ctranslate2.StorageView, tokenizer: Tokenizer, duration: float,
                initial_prompt: str | None = None) -> Decoded:
         prompt = list(tokenizer.sot_sequence)
         if initial_prompt and initial_prompt.strip():
@@ -187,10 +192,10 @@ class ShortWindow:
             hit_limit=len(tokens) >= limit,
         )
 
-    def words(self, decoded: Decoded, tokenizer: object, encoded: ctranslate2.StorageView,
+    def words(self, decoded: Decoded, tokenizer: Tokenizer, encoded: ctranslate2.StorageView,
               content_frames: int) -> list[Word]:
         """Word timings from cross-attention, exactly as faster-whisper computes them."""
-        window = [
+        window: list[dict[str, Any]] = [
             {"seek": 0, "start": start, "end": end, "tokens": text}
             for start, end, text in decoded.segments
         ]

@@ -199,7 +199,8 @@ class Store:
         await self._do(lambda c: c.set(self.key(kind, ident), data, px=_ms(ttl_s)))
 
     async def get_blob(self, kind: str, ident: str) -> bytes | None:
-        return await self._do(lambda c: c.get(self.key(kind, ident)))
+        raw = await self._do(lambda c: c.get(self.key(kind, ident)))
+        return raw.encode() if isinstance(raw, str) else raw
 
     async def delete(self, kind: str, ident: str) -> bool:
         return bool(await self._do(lambda c: c.delete(self.key(kind, ident))))

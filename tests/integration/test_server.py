@@ -41,8 +41,8 @@ def test_every_api_route_needs_the_key(server):
 
 
 def test_a_key_is_made_when_none_is_configured(tmp_path):
+    from agent.api_keys import with_api_keys
     from agent.config import load_settings
-    from agent.front.auth import with_api_keys
 
     first = with_api_keys(load_settings(environ={}, cache_dir=str(tmp_path)))
     again = with_api_keys(load_settings(environ={}, cache_dir=str(tmp_path)))

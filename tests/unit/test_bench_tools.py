@@ -8,7 +8,7 @@ import pytest
 
 from agent.bench.tools import offered_tools
 from agent.bench.tools_cases import CASES, HARMLESS, Case, Words, arguments_match, score
-from agent.dispatch.validation import make_validator
+from agent.json_schema import make_validator
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.dispatch import SideEffect, ToolError, ToolSpec, load_tool_schema
-from agent.dispatch.validation import make_validator, parse_arguments
+from agent.dispatch.validation import parse_arguments
 from agent.errors import ConfigError
+from agent.json_schema import make_validator
 
 BOOKING = make_validator(load_tool_schema("create_booking"))
 NESTED = make_validator({

@@ -41,7 +41,9 @@ from typing import Protocol
 
 from torch import Tensor
 
+from agent.decoder.native import NativeWeight
 from agent.decoder.nf4 import NF4Weight
+from agent.decoder.q8 import Q8Weight
 from agent.errors import ConfigError
 
 BACKENDS = ("reference", "cpu", "triton")
@@ -51,16 +53,20 @@ BACKENDS = ("reference", "cpu", "triton")
 ACTIVATIONS = ("int8x2", "int8")
 
 
+# Every weight a backend multiplies: NF4, the 8-bit head, the GGUF's own blocks.
+AnyWeight = NF4Weight | Q8Weight | NativeWeight
+
+
 class Backend(Protocol):
     name: str
 
-    def prepare(self, w: NF4Weight) -> NF4Weight: ...
+    def prepare(self, w: AnyWeight) -> AnyWeight: ...
 
-    def linear(self, x: Tensor, w: NF4Weight) -> Tensor: ...
+    def linear(self, x: Tensor, w: AnyWeight) -> Tensor: ...
 
-    def swiglu(self, x: Tensor, w: NF4Weight) -> Tensor: ...
+    def swiglu(self, x: Tensor, w: AnyWeight) -> Tensor: ...
 
-    def bind(self, w: NF4Weight, swiglu: bool = False) -> Callable[[Tensor], Tensor]: ...
+    def bind(self, w: AnyWeight, swiglu: bool = False) -> Callable[[Tensor], Tensor]: ...
 
 
 _loaded: dict[str, Backend] = {}

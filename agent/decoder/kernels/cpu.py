@@ -28,16 +28,17 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from agent.decoder.kernels import AnyWeight
 from agent.decoder.kernels.reference import reference_linear, reference_swiglu
 from agent.decoder.native import NativeWeight
 from agent.decoder.nf4 import NF4Weight
 from agent.decoder.q8 import Q8Weight
 
-AnyWeight = NF4Weight | Q8Weight | NativeWeight
 # The extension's numbers for the layouts (csrc/nf4_cpu.cpp, enum Kind).
 LAYOUT_CODES = {"nf4": 0, "q8": 1, "u4": 2, "i8": 3, "i8x16": 4}
 
@@ -197,7 +198,7 @@ class CpuBackend:
     def linear(self, x: Tensor, w: AnyWeight) -> Tensor:
         return self.bind(w)(x)
 
-    def swiglu(self, x: Tensor, w: NF4Weight) -> Tensor:
+    def swiglu(self, x: Tensor, w: AnyWeight) -> Tensor:
         return self.bind(w, swiglu=True)(x)
 
     def bind(self, w: AnyWeight, swiglu: bool = False) -> Callable[[Tensor], Tensor]:
@@ -236,21 +237,22 @@ class CpuBackend:
         n_kv_head) -> x. None on the fallback."""
         if self._ext is None:
             return None
-        wqkv, wo, w13, w2 = (self._ready(w) for w in (wqkv, wo, w13, w2))
+        ready = [self._ready(w) for w in (wqkv, wo, w13, w2)]
         none = torch.empty(0)
 
-        def parts(w: NF4Weight | NativeWeight) -> list[Tensor]:
+        def parts(w: AnyWeight) -> list[Tensor]:
             offsets = w.offsets if isinstance(w, NativeWeight) else None
             return [w.qweight, w.scales, none if offsets is None else offsets]
 
         def norm(weight: Tensor) -> Tensor:
             return weight.detach().float().contiguous()
 
-        tensors = [norm(norm1), *parts(wqkv), *parts(wo), norm(norm2), *parts(w13), *parts(w2)]
-        kinds = [layout_code(w) for w in (wqkv, wo, w13, w2)]
-        passes = [self._passes if isinstance(w, NativeWeight) else 1
-                  for w in (wqkv, wo, w13, w2)]
-        return partial(self._ext.block_forward, tensors, kinds, passes, wqkv.bias, eps)
+        r_qkv, r_o, r_13, r_2 = ready
+        tensors = [norm(norm1), *parts(r_qkv), *parts(r_o), norm(norm2), *parts(r_13),
+                   *parts(r_2)]
+        kinds = [layout_code(w) for w in ready]
+        passes = [self._passes if isinstance(w, NativeWeight) else 1 for w in ready]
+        return partial(self._ext.block_forward, tensors, kinds, passes, r_qkv.bias, eps)
 
     def set_threads(self, n: int) -> int:
         """Fix the kernels' thread count (before their first use); returns the count in effect.
@@ -284,5 +286,5 @@ class CpuBackend:
         return w if ok else self.prepare(w)
 
 
-def _swap_args(fn: Callable[[Tensor, NF4Weight], Tensor], w: NF4Weight, x: Tensor) -> Tensor:
+def _swap_args(fn: Callable[[Tensor, Any], Tensor], w: AnyWeight, x: Tensor) -> Tensor:
     return fn(x, w)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from agent.decoder import native, nf4, q8
+from agent.decoder.kernels import AnyWeight
 from agent.decoder.native import NativeWeight
 from agent.decoder.nf4 import NF4Weight
 from agent.decoder.q8 import Q8Weight
@@ -32,7 +33,7 @@ def reference_linear(x: Tensor, w: NF4Weight | Q8Weight | NativeWeight) -> Tenso
     return y.to(x.dtype)
 
 
-def reference_swiglu(x: Tensor, w: NF4Weight) -> Tensor:
+def reference_swiglu(x: Tensor, w: AnyWeight) -> Tensor:
     gate, up = reference_linear(x.to(torch.float32), w).chunk(2, dim=-1)  # [..., F] each
     return (F.silu(gate) * up).to(x.dtype)
 
@@ -40,16 +41,16 @@ def reference_swiglu(x: Tensor, w: NF4Weight) -> Tensor:
 class ReferenceBackend:
     name = "reference"
 
-    def prepare(self, w: NF4Weight) -> NF4Weight:
+    def prepare(self, w: AnyWeight) -> AnyWeight:
         return w
 
-    def linear(self, x: Tensor, w: NF4Weight) -> Tensor:
+    def linear(self, x: Tensor, w: AnyWeight) -> Tensor:
         return reference_linear(x, w)
 
-    def swiglu(self, x: Tensor, w: NF4Weight) -> Tensor:
+    def swiglu(self, x: Tensor, w: AnyWeight) -> Tensor:
         return reference_swiglu(x, w)
 
-    def bind(self, w: NF4Weight, swiglu: bool = False) -> Callable[[Tensor], Tensor]:
+    def bind(self, w: AnyWeight, swiglu: bool = False) -> Callable[[Tensor], Tensor]:
         fn = reference_swiglu if swiglu else reference_linear
         return lambda x: fn(x, w)
 

@@ -287,8 +287,8 @@ def _gemm(x2: Tensor, w: NF4Weight, lut: Tensor, mode: int) -> Tensor:
             x2.stride(0), y.stride(0), triton.next_power_of_2(m))
     meta = dict(HAS_BIAS=w.bias is not None, MODE=mode)
     if interpreting():
-        grid = (triton.cdiv(m, 16) * triton.cdiv(n, 32),)
-        _nf4_gemm[grid](*args, **meta, BLOCK_M=16, BLOCK_N=32, BLOCK_BYTES=32, GROUP_M=2)
+        fixed = (triton.cdiv(m, 16) * triton.cdiv(n, 32),)
+        _nf4_gemm[fixed](*args, **meta, BLOCK_M=16, BLOCK_N=32, BLOCK_BYTES=32, GROUP_M=2)
     else:
         def grid(cfg: dict) -> tuple[int]:
             return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)

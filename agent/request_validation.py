@@ -1,43 +1,17 @@
 """Request bodies checked against the JSON Schemas in `schemas/`, errors naming the parameter.
 
-The schemas are the single source of truth for the protocol shapes; this module only turns
-jsonschema's findings into OpenAI's 400s (`param` is the JSON path the client sent, such as
-`messages[0].content[1].input_audio.format`).
+The schemas are the single source of truth for the protocol shapes (agent/json_schema.py
+loads them and finds the failing field); this module words the finding as OpenAI's 400s
+(`param` is the JSON path the client sent, such as `messages[0].content[1].input_audio
+.format`).
 """
 
 from __future__ import annotations
 
-import functools
-import json
-from importlib import resources
 from typing import Any
 
-import jsonschema
-from jsonschema.exceptions import ValidationError, best_match
-
 from agent.errors import InvalidRequestError
-
-
-@functools.cache
-def schema(name: str) -> dict[str, Any]:
-    """Load `schemas/<name>.json` (e.g. "openai/chat_completion_request")."""
-    text = resources.files("schemas").joinpath(f"{name}.json").read_text()
-    return json.loads(text)
-
-
-@functools.cache
-def _validator(name: str) -> jsonschema.protocols.Validator:
-    spec = schema(name)
-    cls = jsonschema.validators.validator_for(spec)
-    cls.check_schema(spec)
-    return cls(spec, format_checker=cls.FORMAT_CHECKER)
-
-
-def param_path(path: Any) -> str | None:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or None
+from agent.json_schema import Problem, first_problem, named_validator, schema
 
 
 def validate(name: str, body: Any) -> None:
@@ -56,32 +30,21 @@ def validate(name: str, body: Any) -> None:
         if spec.get("additionalProperties") is False and key not in known:
             raise InvalidRequestError(f"Unknown parameter: '{key}'.", param=key,
                                       code="unknown_parameter")
-    error = best_match(_validator(name).iter_errors(body))
-    if error is not None:
-        raise _to_request_error(error)
+    problem = first_problem(named_validator(name).iter_errors(body), stop_at_alternatives=True)
+    if problem is not None:
+        raise _to_request_error(problem)
 
 
-def _to_request_error(error: ValidationError) -> InvalidRequestError:
-    # For oneOf/anyOf failures, the innermost error is the one a person can act on.
-    while error.context:
-        deeper = best_match(error.context)
-        if deeper is None or (list(deeper.absolute_path) == list(error.absolute_path) \
-                and deeper.validator in ("type", "oneOf", "anyOf")):
-            break
-        error = deeper
-    param = param_path(error.absolute_path)
+def _to_request_error(problem: Problem) -> InvalidRequestError:
+    error, param, full = problem.error, problem.path, problem.field
     where = f"'{param}'" if param else "the request body"
-    if error.validator == "required":
-        missing = error.message.split("'")[1] if "'" in error.message else error.message
-        full = f"{param}.{missing}" if param else missing
+    if problem.kind == "required":
         return InvalidRequestError(f"Missing required parameter: '{full}'.", param=full,
                                    code="missing_required_parameter")
-    if error.validator == "additionalProperties":
-        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
-        full = f"{param}.{extra[0]}" if param and extra else (extra[0] if extra else param)
+    if problem.kind == "unknown":
         return InvalidRequestError(f"Unknown parameter: '{full}'.", param=full,
                                    code="unknown_parameter")
-    if error.validator == "type":
+    if problem.kind == "type":
         return InvalidRequestError(
             f"Invalid type for {where}: expected {_types(error.validator_value)}, "
             f"but got {_json_type(error.instance)}.", param=param, code="invalid_type")
