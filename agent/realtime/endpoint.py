@@ -56,6 +56,7 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
     except WebSocketDisconnect:
         pass
     finally:
+        session.outbox.close()  # the connection is gone: nothing may wait on it now
         await session.close()
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -117,6 +118,7 @@ async def _write(websocket: WebSocket, session: Session) -> None:
         try:
             await websocket.send_text(json.dumps(event, separators=(",", ":")))
         except (WebSocketDisconnect, RuntimeError):
+            session.outbox.close()  # the client is gone: release whoever waits to send
             return
 
 

@@ -33,6 +33,7 @@ from agent.errors import ParleyError, client_error
 from agent.model_ids import resolve_model
 from agent.realtime.conversation import Conversation, truncate_transcript
 from agent.realtime.input import RATE, InputAudio
+from agent.realtime.outbox import Outbox
 from agent.realtime.protocol import (
     RealtimeError,
     decode_audio,
@@ -78,8 +79,7 @@ class Session:
         self.api_key = api_key
         self.id = new_session_id()
         self.decoder_session = f"rt:{conversation.id}"
-        self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(
-            self.settings.realtime_send_queue)
+        self.outbox = Outbox(self.settings.realtime_send_queue)
         self.input = InputAudio(config.input_format, config.turn_detection, vad_model, asr,
                                 max_buffer_s=self.settings.realtime_max_buffer_s,
                                 language=config.transcription.language
