@@ -10,8 +10,10 @@ outbox (and then never free its decoder slot).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
+T = TypeVar("T")
 Event = dict[str, Any] | None  # None: the writer flushes what came before, then stops
 
 
@@ -36,28 +38,26 @@ class Outbox:
             return
         except asyncio.QueueFull:
             pass
-        put = asyncio.ensure_future(self._queue.put(event))
-        closed = asyncio.ensure_future(self._closed.wait())
-        try:
-            await asyncio.wait({put, closed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closed.cancel()
-            if not put.done():
-                put.cancel()
+        await self._unless_closed(self._queue.put(event))
 
     async def get(self) -> Event:
         """The next event (None at the end); None at once after close()."""
         if self._closed.is_set():
             return None
-        get = asyncio.ensure_future(self._queue.get())
+        got = await self._unless_closed(self._queue.get())
+        return got.result() if got.done() and not got.cancelled() else None
+
+    async def _unless_closed(self, step: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        """Run `step` until it completes or the outbox closes (then it is cancelled)."""
+        task = asyncio.ensure_future(step)
         closed = asyncio.ensure_future(self._closed.wait())
         try:
-            await asyncio.wait({get, closed}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({task, closed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             closed.cancel()
-            if not get.done():
-                get.cancel()
-        return get.result() if get.done() and not get.cancelled() else None
+            if not task.done():
+                task.cancel()
+        return task
 
     def close(self) -> None:
         """No one will read again: release every waiting producer, drop what is queued."""

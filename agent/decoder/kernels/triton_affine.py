@@ -27,11 +27,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from agent.decoder.kernels.interpreter import interpreter_tile, interpreting, matmul_dtype
+from agent.decoder.kernels.interpreter import interpreting, matmul_dtype
 from agent.decoder.kernels.triton_gemv import (
     GEMV_MAX_ROWS,
     fits_registers,
     gemv_configs,
+    launch,
     program_slice,
     store_rows,
     tuning_bench,
@@ -147,15 +148,7 @@ def affine_gemv(x2: Tensor, w: AffineWeight) -> Tensor:
             w.qweight.stride(0), sc_stride, off_stride, x2.stride(0), y.stride(0))
     meta = dict(U4=u4, GROUP=group, HAS_OFFSET=has_offset, HAS_BIAS=w.bias is not None,
                 BLOCK_M=triton.next_power_of_2(m))
-    if interpreting():
-        bn, groups, split = interpreter_tile(m, n, kp // 32)
-        _affine_gemv[(triton.cdiv(n, bn), split)](*args, **meta, BLOCK_N=bn, GROUPS=groups,
-                                                   SPLIT_K=split)
-    else:
-        def grid(cfg: dict) -> tuple[int, int]:
-            return triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"]
-
-        _gemv_tuned[grid](*args, **meta)
+    launch(_affine_gemv, _gemv_tuned, "GROUPS", args, meta, m, n, kp // 32)
     return y.to(x2.dtype)
 
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import triton
 import triton.language as tl
+
+from agent.decoder.kernels.interpreter import interpreter_tile, interpreting
 
 GEMV_MAX_ROWS = 16  # the most activation rows a GEMV takes
 # (BLOCK_N, groups per step, warps); each with SPLIT_K 1 and 4.
@@ -41,6 +44,22 @@ def fits_registers(per_key: str) -> Callable[..., list[triton.Config]]:
 def tuning_bench(fn: Callable[[], object], quantiles: tuple[float, ...]) -> list[float]:
     """A short timing per candidate tile: enough to rank them, cheap on first use."""
     return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+def launch(kernel: Any, tuned: Any, per_key: str, args: tuple[Any, ...],
+           meta: dict[str, Any], m: int, n: int, groups: int) -> None:
+    """Run a GEMV: under the interpreter with its few big tiles (interpreter_tile), on
+    CUDA through the autotuned kernel, on a grid of (N tiles, K slices)."""
+    if interpreting():
+        bn, per, split = interpreter_tile(m, n, groups)
+        kernel[(triton.cdiv(n, bn), split)](*args, **meta, BLOCK_N=bn, SPLIT_K=split,
+                                            **{per_key: per})
+        return
+
+    def grid(cfg: dict[str, Any]) -> tuple[int, int]:
+        return triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"]
+
+    tuned[grid](*args, **meta)
 
 
 @triton.jit

@@ -33,11 +33,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from agent.decoder.kernels.interpreter import interpreter_tile, interpreting, matmul_dtype
+from agent.decoder.kernels.interpreter import interpreting, matmul_dtype
 from agent.decoder.kernels.triton_gemv import (
     GEMV_MAX_ROWS,
     fits_registers,
     gemv_configs,
+    launch,
     program_slice,
     store_rows,
     tuning_bench,
@@ -267,15 +268,7 @@ def _gemv(x2: Tensor, w: NF4Weight, lut: Tensor, mode: int) -> Tensor:
     args = (x2, w.qweight, w.scales, lut, bias, y, m, n, w.shape[1], w.padded_k // 2,
             w.padded_k // 64, x2.stride(0), y.stride(0))
     meta = dict(HAS_BIAS=w.bias is not None, MODE=mode, BLOCK_M=triton.next_power_of_2(m))
-    if interpreting():
-        bn, blocks, split = interpreter_tile(m, n, w.padded_k // 64)
-        _nf4_gemv[(triton.cdiv(n, bn), split)](*args, **meta, BLOCK_N=bn, BLOCKS=blocks,
-                                               SPLIT_K=split)
-    else:
-        def grid(cfg: dict) -> tuple[int, int]:
-            return triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"]
-
-        _gemv_tuned[grid](*args, **meta)
+    launch(_nf4_gemv, _gemv_tuned, "BLOCKS", args, meta, m, n, w.padded_k // 64)
     return y.to(x2.dtype)
 
 
