@@ -119,6 +119,30 @@ def parse_tool_calls(text: str) -> tuple[str, list[ParsedCall]]:
     return head, calls
 
 
+# An RFC 3339 full-date that exists: years 0001-9999, each month's own days, 29 February
+# in leap years only. The grammar engine's own `date` format lets through 29 February of
+# any year (hypothesis found "5922-02-29"), which the schema's format check rejects.
+_YEAR = "([0-9]{3}[1-9]|[0-9]{2}[1-9][0-9]|[0-9][1-9][0-9]{2}|[1-9][0-9]{3})"
+_LEAP = "([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
+_DAYS = ("((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+         "|02-(0[1-9]|1[0-9]|2[0-8]))")
+DATE_PATTERN = f"^({_YEAR}-{_DAYS}|{_LEAP}-02-29)$"
+
+
+def exact_dates(schema: Any) -> Any:
+    """`schema` with every `"format": "date"` string (that has no pattern of its own) held
+    to DATE_PATTERN instead, so the decoder can only write dates that exist."""
+    if isinstance(schema, list):
+        return [exact_dates(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: exact_dates(v) for k, v in schema.items()}
+    if out.get("format") == "date" and "pattern" not in out:
+        del out["format"]
+        out["pattern"] = DATE_PATTERN
+    return out
+
+
 class ToolCallGrammar:
     """The grammar for one request's tools and tool_choice; see the module docstring."""
 
@@ -154,7 +178,7 @@ class ToolCallGrammar:
                  f'call_close: {self._marker(CALL_CLOSE)}']
         alternatives = []
         for i, tool in enumerate(tools):
-            schema = {**tool_parameters(tool), "x-guidance": _JSON_STYLE}
+            schema = {**exact_dates(tool_parameters(tool)), "x-guidance": _JSON_STYLE}
             head = json.dumps(f'\n{{"name": {json.dumps(tool_name(tool))}, "arguments": ')
             rules.append(f'call_{i}: call_open {head} args_{i} "}}\\n" call_close')
             rules.append(f"args_{i}: %json {json.dumps(schema)}")

@@ -166,3 +166,40 @@ def test_auto_grammar_accepts_a_bare_call(tokenizer):
     for i in range(len(ids)):
         assert mask(ids[:i])[ids[i]], tokenizer.decode(ids[:i + 1])
     assert set(torch.nonzero(mask(ids)).flatten().tolist()) <= set(tokenizer.eog_ids)
+
+
+def test_the_date_pattern_is_exactly_the_dates_that_exist() -> None:
+    """Every day string of a few years (leap, century, 400-year, the ends of the range)
+    matches DATE_PATTERN exactly when Python's date parser, the schema's format check,
+    accepts it: no 29 February outside leap years, no day 31 in a 30-day month."""
+    import datetime
+    import re
+
+    from agent.decoder.grammar import DATE_PATTERN
+
+    pattern = re.compile(DATE_PATTERN)
+    for year in ("0000", "0001", "0004", "0100", "0400", "1900", "2000", "2023", "2024",
+                 "5922", "9999"):
+        for month in range(0, 14):
+            for day in range(0, 33):
+                text = f"{year}-{month:02d}-{day:02d}"
+                try:
+                    datetime.date.fromisoformat(text)
+                    exists = True
+                except ValueError:
+                    exists = False
+                assert bool(pattern.fullmatch(text)) == exists, text
+
+
+def test_date_formats_become_the_exact_pattern_in_the_grammar() -> None:
+    from agent.decoder.grammar import DATE_PATTERN, exact_dates
+
+    schema = {"type": "object", "properties": {
+        "day": {"type": "string", "format": "date"},
+        "days": {"type": "array", "items": {"type": "string", "format": "date"}},
+        "own": {"type": "string", "format": "date", "pattern": "^2026-"}}}
+    out = exact_dates(schema)
+    assert out["properties"]["day"] == {"type": "string", "pattern": DATE_PATTERN}
+    assert out["properties"]["days"]["items"]["pattern"] == DATE_PATTERN
+    assert out["properties"]["own"] == schema["properties"]["own"]  # its own pattern stays
+    assert schema["properties"]["day"]["format"] == "date"  # the caller's schema untouched
