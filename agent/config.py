@@ -89,11 +89,13 @@ class Settings:
 
     # Realtime sessions: the longest session (OpenAI's beta allowed 30 minutes), how long a
     # silent client is kept, the most unanswered input audio held, events queued for a
-    # client that reads slowly, and how long a conversation stays resumable in the store.
+    # client that reads slowly (and how far its audio may run ahead of what was sent: what
+    # a barge-in has to throw away), and how long a conversation stays resumable.
     realtime_max_session_s: int = 1800
     realtime_idle_timeout_s: int = 300
     realtime_max_buffer_s: int = 600
     realtime_send_queue: int = 512
+    realtime_audio_ahead_ms: int = 1000
     realtime_state_ttl_s: int = 24 * 3600
     # Start the reply during the end-of-turn silence and hold it until the turn is
     # confirmed (agent/realtime/speculation.py); off: every reply waits for the silence.

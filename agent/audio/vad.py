@@ -17,6 +17,7 @@ import asyncio
 import collections
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -32,6 +33,13 @@ STATE_SHAPE = (2, 1, 128)
 # turn flickering on soft syllables.
 HYSTERESIS = 0.15
 HISTORY_FRAMES = 10 * RATE // FRAME  # ~10 s of per-frame probabilities kept per stream
+
+
+class FrameScorer(Protocol):
+    """What a `VadStream` needs of its model (SileroVad; a fake in tests)."""
+
+    def score(self, frame: np.ndarray, context: np.ndarray, state: np.ndarray
+              ) -> tuple[float, np.ndarray]: ...
 
 
 class SileroVad:
@@ -175,7 +183,7 @@ class VadStream:
     Not thread-safe: one stream belongs to one session task.
     """
 
-    def __init__(self, model: SileroVad, options: VadOptions | None = None) -> None:
+    def __init__(self, model: FrameScorer, options: VadOptions | None = None) -> None:
         self.model = model
         self.options = options or VadOptions()
         self.history: collections.deque[tuple[int, float]] = collections.deque(

@@ -16,7 +16,7 @@ import contextlib
 import json
 import math
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -113,7 +113,7 @@ async def plan_completion(request: ChatRequest, messages: list[dict], runtime: R
 
 
 async def run_completion(plan: Plan, *, streaming: bool, audio_ids: list[str] | None = None
-                         ) -> AsyncIterator[Event]:
+                         ) -> AsyncGenerator[Event, None]:
     """Every choice's events, interleaved as they happen.
 
     `audio_ids` names each choice's audio (a streaming client sees the id before the end).

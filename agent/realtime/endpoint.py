@@ -102,7 +102,7 @@ async def _read(websocket: WebSocket, session: Session, runtime: Runtime) -> Non
             await session.send(server_event("error", error={
                 "type": "invalid_request_error", "code": "session_expired",
                 "message": f"Closing: {why}.", "param": None, "event_id": None}))
-            await session.outbox.put(None)  # the writer flushes, then closes
+            session.outbox.finish()  # the writer flushes, then stops
             await asyncio.sleep(0.2)
             await websocket.close(CLOSE_TIME)
             return

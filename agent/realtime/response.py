@@ -23,31 +23,20 @@ import base64
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from agent.chat.pipeline import (
-    AudioData,
-    ChoiceDone,
-    TextDelta,
-    ToolCallDelta,
-    audio_tokens,
-    plan_completion,
-    run_completion,
-)
-from agent.chat.request import AudioOutput, ChatRequest
-from agent.realtime.conversation import as_messages, truncate_transcript
+from agent.chat.pipeline import AudioData, ChoiceDone, TextDelta, ToolCallDelta, audio_tokens
+from agent.realtime.conversation import Conversation, truncate_transcript
 from agent.realtime.protocol import new_item_id, server_event
 from agent.realtime.session_config import SessionConfig, to_response_object
-
-if TYPE_CHECKING:
-    from agent.realtime.session import Session
-    from agent.realtime.speculation import Speculation
 
 log = logging.getLogger(__name__)
 # Bytes per millisecond of each output format (mono): pcm16 at 24 kHz, G.711 at 8 kHz.
 BYTES_PER_MS = {"pcm16": 48, "pcmu": 8, "pcma": 8}
+WIND_DOWN_S = 5.0  # the most a cancelled response spends closing its items
 DELTA_MS = 100  # 4,800 bytes of pcm16: a multiple of 3, so base64 pieces join cleanly
 
 
@@ -77,97 +66,63 @@ class ResponseRun:
     usage: dict[str, Any] | None = None
     started_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
-    speculation: Speculation | None = None  # a reply started in the silence, adopted
+    held: AsyncGenerator[Any, None] | None = None  # a held reply's events, adopted
+    generation: int = 0                    # the session's count of responses (outbox)
 
     @property
     def audio_ms(self) -> int:
         return len(self.audio) // BYTES_PER_MS.get(self.config.output_format.kind, 48)
 
-    def heard_ms(self, now: float | None = None) -> int:
-        """The most audio the listener can have played: what was sent, and no more than
-        the time since the first byte left (playback runs in real time)."""
+    def heard_ms(self, sent_ms: int, now: float | None = None) -> int:
+        """The most audio the listener can have played: what was sent (`sent_ms`), and no
+        more than the time since the first byte left (playback runs in real time)."""
         if self.first_audio_at is None:
             return 0
         elapsed = int(((now or time.perf_counter()) - self.first_audio_at) * 1000)
-        return min(self.audio_ms, max(elapsed, 0))
+        return min(self.audio_ms, sent_ms, max(elapsed, 0))
 
 
-def chat_request(session: Session, config: SessionConfig, messages: list[dict[str, Any]],
-                 *, max_tokens: int | None = None, audio: bool = True) -> ChatRequest:
-    """The chat pipeline's request for a response run with `config`."""
-    if max_tokens is None and config.max_output_tokens != "inf":
-        max_tokens = int(config.max_output_tokens)
-    return ChatRequest(
-        model=session.served, messages=messages,
-        audio=AudioOutput(config.voice, config.output_format.codec, config.speed)
-        if audio and config.audio_output else None,
-        stream=True, include_usage=False, n=1, temperature=config.temperature, top_p=1.0,
-        seed=None, stop=[], max_tokens=max_tokens, tools=session.chat_tools(config),
-        # One call per response, as gpt-realtime makes them (OpenAI offers parallel calls
-        # to reasoning models only; the session accepts and ignores the flag). Given the
-        # choice, a small model repeats calls with varied arguments until max_output_tokens,
-        # and a response cut short runs none of its server tools.
-        tool_choice=config.tool_choice, parallel_tool_calls=False)
+@dataclass
+class ResponseContext:
+    """What a response needs from its session, and nothing more."""
 
-
-def spoken_item(transcript: str) -> dict[str, Any]:
-    """A user message item holding `transcript`, as a committed spoken turn becomes."""
-    return {"type": "message", "role": "user",
-            "content": [{"type": "input_audio", "transcript": transcript}]}
-
-
-async def prefill_conversation(session: Session, heard: str | None = None) -> None:
-    """Generate one throw-away token on the conversation so far, so its KV cache is
-    ready; the next response's prompt shares that prefix and prefills only what's new.
-
-    `heard`: a partial transcript of the turn in progress, as a user message at the end.
-    The reply's prompt shares the words the final transcript keeps; where they differ the
-    scheduler's prefix match drops the rest (the rollback)."""
-    config = session.config
-    items = session.conversation.items
-    if heard is not None:
-        items = [*items, spoken_item(heard)]
-    messages = as_messages(config.instructions, items)
-    async for _ in completion_events(session, config, messages, max_tokens=1, audio=False):
-        pass
-
-
-async def completion_events(session: Session, config: SessionConfig,
-                            messages: list[dict[str, Any]], *, max_tokens: int | None = None,
-                            audio: bool = True) -> AsyncIterator[Any]:
-    """The chat pipeline's events for `messages`, on the session's decoder cache."""
-    request = chat_request(session, config, messages, max_tokens=max_tokens, audio=audio)
-    plan = await plan_completion(request, messages, session.runtime,
-                                 session_id=session.decoder_session)
-    async for event in run_completion(plan, streaming=True, audio_ids=[new_item_id()]):
-        yield event
+    send: Callable[[dict[str, Any], int], Awaitable[None]]  # (event, audio ms) for sending
+    conversation: Conversation
+    replies: Callable[[], AsyncGenerator[Any, None]]   # the pipeline's events for this response
+    rate_limits: list[dict[str, Any]]
+    sent_audio_ms: Callable[[], int]            # how much of its audio has gone out
+    on_first_audio: Callable[[], None]
 
 
 class ResponseWriter:
-    """Runs one response for `session` and emits its events."""
+    """Runs one response and emits its events; `run` is its outcome (status, calls).
 
-    def __init__(self, session: Session, run: ResponseRun):
-        self.session = session
+    Call it as its own task: cancelling the task is how a response is cancelled. It
+    closes what it started (the pipeline, an adopted held reply) on every path."""
+
+    def __init__(self, context: ResponseContext, run: ResponseRun):
+        self.context = context
         self.run = run
         self.config = run.config
 
-    async def __call__(self) -> None:
-        try:
-            await self._respond()
-        finally:  # whatever happened, the session is free for the next response
-            self.session.response_finished(self.run)
+    async def __call__(self) -> ResponseRun:
+        await self._respond()
+        return self.run
 
     async def _respond(self) -> None:
         run = self.run
         await self._emit("response.created", response=self._response_object())
-        await self._emit("rate_limits.updated", rate_limits=self.session.rate_limits())
+        await self._emit("rate_limits.updated", rate_limits=self.context.rate_limits)
         try:
             await self._generate()
             run.status = "incomplete" if run.status == "length" else "completed"
         except asyncio.CancelledError:
             run.status = "cancelled"
-            await asyncio.shield(self._close_items("incomplete", cut_to_heard=True))
-            await asyncio.shield(self._done())
+            # Shielded: the session closing (a second cancel) must not leave the items
+            # open in the store. Bounded: a store or outbox that never answers must not
+            # keep the response, and so the session's decoder slot, forever.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._wind_down()), WIND_DOWN_S)
             return
         except Exception as exc:
             log.exception("response %s failed", run.id)
@@ -179,23 +134,19 @@ class ResponseWriter:
         await self._close_items("incomplete" if run.status == "incomplete" else "completed")
         await self._done()
 
+    async def _wind_down(self) -> None:
+        await self._close_items("incomplete", cut_to_heard=True)
+        await self._done()
+
     # -- generation -------------------------------------------------------------------------
 
     async def _generate(self) -> None:
-        spec = self.run.speculation
-        try:
-            async for event in spec.events() if spec is not None else self._pipeline():
+        source = self.run.held if self.run.held is not None else self.context.replies()
+        # aclosing: a cancelled or failed response stops its pipeline (decoder, TTS) here
+        # and now, not whenever the generator is collected.
+        async with aclosing(source) as events:
+            async for event in events:
                 await self._handle(event)
-        finally:
-            if spec is not None:  # cancelled or failed mid-way: stop its pipeline too
-                await spec.cancel()
-
-    async def _pipeline(self) -> AsyncIterator[Any]:
-        session, config = self.session, self.config
-        await session.ready_to_respond()
-        messages = session.conversation.messages(config.instructions)
-        async for event in completion_events(session, config, messages):
-            yield event
 
     async def _handle(self, event: Any) -> None:
         if self.run.first_token_at is None:
@@ -237,7 +188,7 @@ class ResponseWriter:
         item = await self._start_message()
         if self.run.first_audio_at is None:
             self.run.first_audio_at = time.perf_counter()
-            self.session.voice_used()
+            self.context.on_first_audio()
         # A clause arrives whole; it leaves in pieces of DELTA_MS so that a player can
         # start at once and a barge-in stops the sending within one piece.
         step = DELTA_MS * BYTES_PER_MS.get(self.config.output_format.kind, 48)
@@ -245,7 +196,9 @@ class ResponseWriter:
             piece = data[start:start + step]
             self.run.audio += piece
             await self._emit("response.output_audio.delta", **self._where(item),
-                             delta=base64.b64encode(piece).decode())
+                             delta=base64.b64encode(piece).decode(),
+                             audio_ms=len(piece) // BYTES_PER_MS.get(
+                                 self.config.output_format.kind, 48))
 
     async def _call(self, event: ToolCallDelta) -> None:
         fragment = event.fragment
@@ -287,7 +240,7 @@ class ResponseWriter:
         if run.message is not None:
             text = run.text
             if cut_to_heard and self.config.audio_output:
-                heard = run.heard_ms()
+                heard = run.heard_ms(self.context.sent_audio_ms())
                 text = truncate_transcript(run.text, heard, run.audio_ms)
                 del run.audio[heard * BYTES_PER_MS.get(self.config.output_format.kind, 48):]
             await self._finish_message(text, status)
@@ -310,7 +263,7 @@ class ResponseWriter:
         item["status"] = status
         await self._item_done(item, run.output.index(item))
         if run.in_conversation and run.audio:
-            await self.session.conversation.save_audio(item["id"], bytes(run.audio))
+            await self.context.conversation.save_audio(item["id"], bytes(run.audio))
 
     async def _finish_call(self, call: OutputCall, status: str) -> None:
         item = call.item
@@ -343,7 +296,7 @@ class ResponseWriter:
             self.config, response_id=run.id, status=run.status
             if run.status in ("completed", "cancelled", "failed", "incomplete")
             else "in_progress", output=[self._snapshot(i) for i in run.output],
-            conversation_id=self.session.conversation.id if run.in_conversation else None,
+            conversation_id=self.context.conversation.id if run.in_conversation else None,
             status_details=details, usage=run.usage, metadata=run.metadata)
 
     @staticmethod
@@ -367,7 +320,7 @@ class ResponseWriter:
         await self._emit("response.output_item.added", response_id=self.run.id,
                          output_index=index, item=self._snapshot(item))
         if self.run.in_conversation:
-            previous = await self.session.conversation.add(item)
+            previous = await self.context.conversation.add(item)
             await self._emit("conversation.item.added", previous_item_id=previous,
                              item=self._snapshot(item))
 
@@ -375,10 +328,10 @@ class ResponseWriter:
         await self._emit("response.output_item.done", response_id=self.run.id,
                          output_index=index, item=self._snapshot(item))
         if self.run.in_conversation:
-            await self.session.conversation.save()
+            await self.context.conversation.save()
             await self._emit("conversation.item.done",
-                             previous_item_id=self.session.conversation.previous_id(item["id"]),
+                             previous_item_id=self.context.conversation.previous_id(item["id"]),
                              item=self._snapshot(item))
 
-    async def _emit(self, event_type: str, **fields: Any) -> None:
-        await self.session.send(server_event(event_type, **fields))
+    async def _emit(self, event_type: str, audio_ms: int = 0, **fields: Any) -> None:
+        await self.context.send(server_event(event_type, **fields), audio_ms)

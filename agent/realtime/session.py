@@ -1,16 +1,12 @@
-"""The session manager: one Realtime connection's state machine.
+"""The session manager: one Realtime connection, as a protocol adapter around its turns.
 
-    listening ──speech_started──► user speaking ──speech_stopped──► (transcribe) ──►
-    responding ──first audio──► speaking ──response.done──► listening
-         ▲                              │ function call (server tool)
-         └──── follow-up response ◄── waiting on a tool
-
-Client events arrive in order through `handle`; everything the session says goes through
-`send`, a bounded queue the connection drains (a client that reads slowly slows the
-response down instead of growing memory). Barge-in: speech that lasts `backchannel_ms`
-while a response runs cancels it (shorter speech — "uh-huh", a cough — is dropped and the
-response goes on). A cancelled response closes its items as incomplete, with the
-assistant's transcript cut to the audio the listener can have heard.
+Client events arrive in order through `handle`; VAD events come out of the input audio
+(agent.realtime.input). Every decision about turns — when speech is a turn, when it barges
+in, when to answer, which reply is held — belongs to `TurnState` (agent.realtime.turns):
+the session feeds it what happened and carries out the actions it returns, speaking the
+protocol on both sides. Each response runs as its own task (agent.realtime.response) and
+is cancelled by cancelling that task; its events go out through the outbox stamped with
+its generation, so a cancelled response's unsent audio is dropped there.
 """
 
 from __future__ import annotations
@@ -20,8 +16,10 @@ import base64
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Any
+
+import numpy as np
 
 from agent import metrics
 from agent.audio import encode_audio
@@ -32,6 +30,7 @@ from agent.dispatch.confirmation import confirmed_in_chat
 from agent.errors import ParleyError, client_error
 from agent.model_ids import resolve_model
 from agent.realtime.conversation import Conversation, truncate_transcript
+from agent.realtime.engines import FrameScorer, Replies, ToolRunner, Transcriber
 from agent.realtime.input import RATE, InputAudio
 from agent.realtime.outbox import Outbox
 from agent.realtime.protocol import (
@@ -45,11 +44,12 @@ from agent.realtime.protocol import (
     server_event,
     to_client,
 )
+from agent.realtime.replies import ChatReplies
 from agent.realtime.response import (
     BYTES_PER_MS,
+    ResponseContext,
     ResponseRun,
     ResponseWriter,
-    prefill_conversation,
 )
 from agent.realtime.session_config import (
     SessionConfig,
@@ -58,17 +58,36 @@ from agent.realtime.session_config import (
     to_session_object,
 )
 from agent.realtime.speculation import Speculation
+from agent.realtime.turns import (
+    Action,
+    Backchannel,
+    CancelResponse,
+    Commit,
+    DropHeld,
+    HoldAudio,
+    NoActiveResponse,
+    ReleaseAudio,
+    Respond,
+    ResponseActive,
+    RunTools,
+    Speculate,
+    TurnPolicy,
+    TurnState,
+)
 from agent.runtime import Runtime
+from agent.speech.asr_stream import ASRStream
 
 log = logging.getLogger(__name__)
 MIN_COMMIT_MS = 100  # OpenAI's smallest committable buffer
 SPECULATION_WAIT_S = 2.0  # a held reply that has not decided by then is not waited for
+CLOSE_WAIT_S = 10.0  # the most closing waits for the session's tasks to stop
 
 
 class Session:
     def __init__(self, runtime: Runtime, config: SessionConfig, conversation: Conversation,
-                 *, beta: bool, api_key: str | None, vad_model: Any, asr: Any,
-                 dispatcher: Any):
+                 *, beta: bool, api_key: str | None, vad_model: FrameScorer,
+                 asr: Transcriber, dispatcher: ToolRunner | None,
+                 replies: Replies | None = None):
         self.runtime = runtime
         self.settings = runtime.settings
         self.config = config
@@ -79,24 +98,34 @@ class Session:
         self.api_key = api_key
         self.id = new_session_id()
         self.decoder_session = f"rt:{conversation.id}"
-        self.outbox = Outbox(self.settings.realtime_send_queue)
+        self.outbox = Outbox(self.settings.realtime_send_queue,
+                             self.settings.realtime_audio_ahead_ms)
         self.input = InputAudio(config.input_format, config.turn_detection, vad_model, asr,
                                 max_buffer_s=self.settings.realtime_max_buffer_s,
                                 language=config.transcription.language
                                 if config.transcription else None)
+        self.asr = asr
         self.dispatcher = dispatcher
+        self.replies: Replies = replies or ChatReplies(runtime, self.served,
+                                                       self.decoder_session, self.chat_tools)
+        self.turns: TurnState[Speculation] = TurnState(self._policy(), new_item_id)
         self.voice_locked = any(i.get("role") == "assistant" for i in conversation.items)
-        self.response: ResponseRun | None = None
-        self._response_task: asyncio.Task | None = None
-        self._tasks: set[asyncio.Task] = set()
+        # The responses in flight by generation (one, and briefly the one finishing).
+        self._runs: dict[int, tuple[ResponseRun, asyncio.Task[None]]] = {}
+        self._tasks: set[asyncio.Future] = set()
         # What a response must wait for: transcriptions of committed turns, and prefills of
         # instructions and tool descriptions (see ready_to_respond).
         self._before_responses: set[asyncio.Future] = set()
-        self._user_item: str | None = None      # the item the speech in progress becomes
-        self._barged = False                    # this turn has interrupted the response
         self._turn_times: dict[str, float] = {}
-        self._speculation: Speculation | None = None  # a reply held during a pause
-        self.state = "listening"
+        self._closed = False
+
+    def _policy(self) -> TurnPolicy:
+        turn = self.config.turn_detection
+        return TurnPolicy(
+            create_response=turn is not None and turn.create_response,
+            interrupt_response=turn is not None and turn.interrupt_response,
+            backchannel_ms=self.config.backchannel_ms,
+            speculate=self.settings.realtime_speculate and self.config.speculate)
 
     # -- the connection's side --------------------------------------------------------------
 
@@ -110,10 +139,12 @@ class Session:
             await self.conversation.save()
         self._prefill()
 
-    async def send(self, event: dict[str, Any]) -> None:
+    async def send(self, event: dict[str, Any], *, generation: int | None = None,
+                   audio_ms: int = 0) -> None:
+        """Queue `event` for the client: the session's own, or response `generation`'s."""
         shaped = to_client(event, beta=self.beta)
         if shaped is not None:
-            await self.outbox.put(shaped)
+            await self.outbox.put(shaped, generation, audio_ms)
 
     async def handle(self, raw: str | bytes) -> None:
         """One client event; a bad one gets an `error` event and the session goes on."""
@@ -130,29 +161,77 @@ class Session:
             await self.send(_error_event(exc, event_id))
 
     async def close(self) -> None:
-        """Stop everything the session started; free its decoder cache slot."""
+        """Stop everything the session started; free its decoder cache slot. Bounded: a
+        task that does not stop within CLOSE_WAIT_S is left behind, logged, rather than
+        keeping the slot."""
         metrics.SESSIONS.dec()
-        await self._drop_speculation()
-        tasks = [t for t in (self._response_task, *self._tasks) if t and not t.done()]
+        self._closed = True  # what the tasks being cancelled would start next, they don't
+        held, self.turns.held = self.turns.held, None
+        tasks = [t for t in (*(task for _, task in self._runs.values()), *self._tasks)
+                 if not t.done()]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if held is not None:
+            tasks.append(asyncio.ensure_future(held.cancel()))
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
+            if stuck:
+                log.error("realtime session %s: %d tasks did not stop on close", self.id,
+                          len(stuck))
         await self.input.aclose()
         with contextlib.suppress(Exception):
             scheduler = await self.runtime.scheduler(self.served.target)
             await scheduler.release(self.decoder_session)
 
+    # -- carrying out the turn state's actions --------------------------------------------------
+
+    async def _act(self, actions: list[Action]) -> None:
+        for action in actions:
+            if self._closed:
+                return
+            if isinstance(action, DropHeld):
+                await self._discard(action.held)
+            elif isinstance(action, HoldAudio):
+                self.outbox.hold(action.generation)
+            elif isinstance(action, ReleaseAudio):
+                self.outbox.release(action.generation)
+            elif isinstance(action, CancelResponse):
+                await self._cancel(action)
+            elif isinstance(action, Speculate):
+                await self._speculate(action.speech_end)
+            elif isinstance(action, Respond):
+                await self._respond(action)
+            elif isinstance(action, RunTools):
+                run, _ = self._runs.get(action.generation, (None, None))
+                if run is not None:
+                    self._spawn(self._run_tools(self._server_calls(run), action.generation))
+            else:  # Commit and Backchannel are carried out where the speech stops
+                raise AssertionError(f"unexpected turn action {action!r}")
+
+    async def _cancel(self, action: CancelResponse) -> None:
+        """Stop response `generation`: its unsent audio goes at once, then its task."""
+        self.outbox.cancel(action.generation)
+        entry = self._runs.get(action.generation)
+        if entry is None:
+            return
+        run, task = entry
+        run.cancel_reason = action.reason
+        if task is not asyncio.current_task() and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     # -- session ------------------------------------------------------------------------------
 
     async def _on_session_update(self, event: dict[str, Any]) -> None:
         old = self.config
-        await self._drop_speculation()
         self.config = apply_update(old, event["session"], voice_locked=self.voice_locked,
                                    beta=self.beta, event_id=event.get("event_id"))
+        await self._act(self.turns.configured(self._policy()))
         if self.config.input_format != old.input_format:
             self.input.set_format(self.config.input_format)
         if self.config.turn_detection != old.turn_detection:
             self.input.set_turn_detection(self.config.turn_detection)
+            await self._abandon_speech()
         self.conversation.session = self._session_object()
         await self.conversation.save()
         await self.send(server_event("session.updated", session=self._session_object()))
@@ -161,6 +240,14 @@ class Session:
         if (self.config.instructions, self.config.tools, self.config.server_tools) != \
                 (old.instructions, old.tools, old.server_tools):
             self._prefill()
+
+    async def _abandon_speech(self) -> None:
+        """A new VAD never reports the end of speech the old one heard begin."""
+        turn = self.input.detach_turn()
+        if turn is not None:
+            await turn.aclose()
+        self.input.speaking_since = None
+        await self._act(self.turns.speech_abandoned())
 
     def _session_object(self) -> dict[str, Any]:
         return to_session_object(self.config, session_id=self.id, beta=False)
@@ -171,72 +258,58 @@ class Session:
         data = decode_audio(event["audio"], event_id=event.get("event_id"))
         for vad_event in await self.input.append(data, event.get("event_id")):
             await self._on_vad(vad_event)
-        spec, voiced = self._speculation, self.input.voiced_until
-        if spec is not None and voiced is not None and voiced > spec.speech_end:
-            await self._drop_speculation()  # the pause was a breath: the user goes on
-        await self._maybe_barge_in()
+        since, voiced_until = self.input.speaking_since, self.input.voiced_until
+        if self.turns.user_speaking and since is not None and voiced_until is not None:
+            # Voiced time, not time since the onset: the pause after an "uh-huh" is no speech.
+            voiced_ms = (voiced_until - since) * 1000 // RATE
+            await self._act(self.turns.voiced(voiced_ms, voiced_until))
 
     async def _on_vad(self, event: VadEvent) -> None:
         if isinstance(event, SpeechStarted):
-            self._user_item, self._barged = new_item_id(), False
-            self.state = "user speaking"
+            actions = self.turns.speech_started()
+            item_id = self.turns.user_item
+            assert item_id is not None
+            await self._act(actions)
             await self.send(server_event("input_audio_buffer.speech_started",
                                          audio_start_ms=event.audio_start_ms,
-                                         item_id=self._user_item))
+                                         item_id=item_id))
             if self.input.turn is not None:
-                self._spawn(self._follow_partials(self.input.turn, self._user_item))
+                self._spawn(self._follow_partials(self.input.turn, item_id))
         elif isinstance(event, SpeechPaused):
             if self.input.turn is not None:
                 self.input.turn.speculate(event.speech_end)
-                await self._speculate(event.speech_end)
+            await self._act(self.turns.speech_paused(event.speech_end))
         elif isinstance(event, SpeechStopped):
             await self._speech_stopped(event)
 
-    async def _maybe_barge_in(self) -> None:
-        """Cut the response short once the user has spoken long enough to mean it."""
-        turn = self.config.turn_detection
-        since, voiced_until = self.input.speaking_since, self.input.voiced_until
-        if (self.response is None or since is None or voiced_until is None or self._barged
-                or turn is None or not turn.interrupt_response):
-            return
-        # Voiced time, not time since the onset: the pause after an "uh-huh" is no speech.
-        if (voiced_until - since) * 1000 >= self.config.backchannel_ms * RATE:
-            self._barged = True
-            await self.cancel_response("turn_detected")
-
     async def _speech_stopped(self, event: SpeechStopped) -> None:
-        item_id = self._user_item or new_item_id()
-        self._user_item = None
+        actions = self.turns.speech_stopped()
+        ended = next(a for a in actions if isinstance(a, Commit | Backchannel))
         await self.send(server_event("input_audio_buffer.speech_stopped",
-                                     audio_end_ms=event.audio_end_ms, item_id=item_id))
+                                     audio_end_ms=event.audio_end_ms, item_id=ended.item_id))
         turn = self.input.detach_turn()
-        if self.response is not None and not self._barged:
-            # Too short to interrupt: a backchannel. It is not a turn of its own.
+        if isinstance(ended, Backchannel):
             if turn is not None:
                 await turn.aclose()
             self.input.take(event.sample)
-            self.state = "speaking"
-            return
-        self._turn_times[item_id] = time.perf_counter() - \
-            (event.sample - event.speech_end) / RATE
-        audio, start, _ = self.input.take(event.sample)
-        if turn is not None:  # the item's audio starts where the turn does (prefix padding)
-            audio = audio[max(turn.start_sample - start, 0):]
-        await self._commit(item_id, audio, turn, event.speech_end)
+        else:
+            self._turn_times[ended.item_id] = time.perf_counter() - \
+                (event.sample - event.speech_end) / RATE
+            audio, start, _ = self.input.take(event.sample)
+            if turn is not None:  # the item's audio starts where the turn does (prefix)
+                audio = audio[max(turn.start_sample - start, 0):]
+            await self._commit(ended.item_id, audio, turn, event.speech_end)
+        await self._act([a for a in actions if a is not ended])
 
     async def _speculate(self, speech_end: int) -> None:
         """Start the reply to the words before this pause, held until the turn ends here."""
-        await self._drop_speculation()
-        turn = self.config.turn_detection
-        if (self.settings.realtime_speculate and self.config.speculate and turn is not None
-                and turn.create_response
-                and self.response is None and self.input.turn is not None):
-            self._speculation = Speculation(self, self.input.turn, speech_end)
-
-    async def _drop_speculation(self) -> None:
-        spec, self._speculation = self._speculation, None
-        if spec is not None:
-            await self._discard(spec)
+        turn = self.input.turn
+        if turn is None or self.config.turn_detection is None:
+            return
+        spec = Speculation(turn, speech_end, config=self.config,
+                           items=self.conversation.items, replies=self.replies,
+                           voiced_until=lambda: self.input.voiced_until)
+        await self._act(self.turns.hold(spec))
 
     @staticmethod
     async def _discard(spec: Speculation) -> None:
@@ -244,10 +317,9 @@ class Session:
         metrics.speculation("dropped" if spec.text is not None else "not_started")
         await spec.cancel()
 
-    async def _adopt_speculation(self, speech_end: int | None, text: str,
-                                 ) -> Speculation | None:
+    async def _adopt(self, spec: Speculation | None, speech_end: int | None, text: str,
+                     ) -> Speculation | None:
         """The held reply, when it answers exactly the turn just confirmed; else None."""
-        spec, self._speculation = self._speculation, None
         if spec is None:
             return None
         if spec.speech_end == speech_end:  # the same ASR pass may have woken us first
@@ -269,26 +341,25 @@ class Session:
                 f"{MIN_COMMIT_MS}ms of audio, but buffer only has {self.input.buffered_ms}ms "
                 "of audio.", code="input_audio_buffer_commit_empty",
                 event_id=event.get("event_id"))
+        item_id, actions = self.turns.committed()
+        await self._act(actions)
         turn = self.input.detach_turn()
-        await self._drop_speculation()
         audio, _, _ = self.input.take()
-        item_id, self._user_item = self._user_item or new_item_id(), None
         self._turn_times[item_id] = time.perf_counter()
-        await self._commit(item_id, audio, turn, None, manual=True)
+        await self._commit(item_id, audio, turn, None)
 
     async def _on_input_audio_buffer_clear(self, event: dict[str, Any]) -> None:
+        await self._act(self.turns.cleared())
         turn = self.input.detach_turn()
         if turn is not None:
             await turn.aclose()
-        await self._drop_speculation()
         self.input.clear()
-        self._user_item = None
         await self.send(server_event("input_audio_buffer.cleared"))
 
-    async def _commit(self, item_id: str, audio: Any, turn: Any, speech_end: int | None,
-                      manual: bool = False) -> None:
-        """The turn's audio becomes a user item; its transcript (and, with server VAD and
-        create_response, the reply) follows when the ASR is done."""
+    async def _commit(self, item_id: str, audio: np.ndarray, turn: ASRStream | None,
+                      speech_end: int | None) -> None:
+        """The turn's audio becomes a user item; its transcript (and, when the turn state
+        says so, the reply) follows when the ASR is done."""
         item = {"id": item_id, "object": "realtime.item", "type": "message",
                 "status": "completed", "role": "user",
                 "content": [{"type": "input_audio", "transcript": None}]}
@@ -297,9 +368,7 @@ class Session:
                                      previous_item_id=previous, item_id=item_id))
         await self.send(server_event("conversation.item.added", previous_item_id=previous,
                                      item=item))
-        self.state = "listening"
-        self._spawn(self._transcribe(item, audio, turn, speech_end, manual),
-                    before_responses=True)
+        self._spawn(self._transcribe(item, audio, turn, speech_end), before_responses=True)
 
     async def ready_to_respond(self) -> None:
         """Wait until every committed user turn has its transcript, and until the prefills
@@ -312,15 +381,15 @@ class Session:
         if pending:
             await asyncio.wait(pending)  # cancelling the response leaves them running
 
-    async def _transcribe(self, item: dict[str, Any], audio: Any, turn: Any,
-                          speech_end: int | None, manual: bool) -> None:
-        language = self.config.transcription and self.config.transcription.language
+    async def _transcribe(self, item: dict[str, Any], audio: np.ndarray,
+                          turn: ASRStream | None, speech_end: int | None) -> None:
+        language = self.config.transcription.language if self.config.transcription else None
         try:
             if turn is not None:
                 transcript = await turn.finish(speech_end)
             else:
-                asr = await self.runtime.asr()
-                transcript = await asr.transcribe_async(audio, language=language, words=False)
+                transcript = await self.asr.transcribe_async(audio, language=language,
+                                                             words=False)
         except Exception as exc:
             log.exception("transcription failed")
             if self.config.transcription is not None:
@@ -328,6 +397,7 @@ class Session:
                     "conversation.item.input_audio_transcription.failed", item_id=item["id"],
                     content_index=0, error={"type": "server_error", "code": "asr_failed",
                                             "message": str(exc), "param": None}))
+            await self._act(self.turns.transcribed(item["id"], None))
             return
         text = transcript.text.strip()
         item["content"][0]["transcript"] = text
@@ -341,16 +411,9 @@ class Session:
                 "conversation.item.input_audio_transcription.completed", item_id=item["id"],
                 content_index=0, transcript=text,
                 usage={"type": "duration", "seconds": round(len(audio) / RATE, 3)}))
-        turn_detection = self.config.turn_detection
-        if (text and not manual and turn_detection is not None
-                and turn_detection.create_response and self.response is None
-                and self.input.speaking_since is None):
-            spec = await self._adopt_speculation(speech_end, text)
-            await self.start_response(None, user_item=item["id"], speculation=spec)
-        else:
-            await self._drop_speculation()
+        await self._act(self.turns.transcribed(item["id"], text))
 
-    async def _follow_partials(self, turn: Any, item_id: str) -> None:
+    async def _follow_partials(self, turn: ASRStream, item_id: str) -> None:
         """Partial transcripts while the user speaks: sent as `…transcription.delta` events
         (only text that extends what was sent; a revised partial waits for the final), and
         prefilled into the session's KV cache so the reply prefills only the last words."""
@@ -365,9 +428,10 @@ class Session:
                     content_index=0, delta=text[len(sent):]))
                 sent = text
             idle = prefill is None or prefill.done()  # never queue prefills behind one another
-            if (text and idle and self.response is None and self._speculation is None
-                    and self.settings.realtime_speculate and self.config.speculate):
-                prefill = self._spawn(prefill_conversation(self, heard=text))
+            if (text and idle and self.turns.response is None and self.turns.held is None
+                    and self.turns.policy.speculate):
+                prefill = self._spawn(self.replies.prefill(
+                    self.config, self.conversation.items, heard=text))
 
     # -- conversation items -----------------------------------------------------------------------
 
@@ -429,69 +493,113 @@ class Session:
                                 param="response.input", event_id=event.get("event_id"))
         await self.start_response(params, event_id=event.get("event_id"))
 
+    async def _respond(self, action: Respond[Speculation]) -> None:
+        """The turn state's answer: to a user turn (perhaps with its held reply), or a
+        follow-up on server tool results. A client's response.create that got there first
+        answers the same conversation: then there is nothing to do."""
+        held = None
+        if action.user_item is not None and action.text is not None:
+            held = await self._adopt(action.held, action.speech_end, action.text)
+        elif action.held is not None:
+            await self._discard(action.held)
+        params = self._follow_up_params() if action.user_item is None else None
+        try:
+            await self.start_response(params, user_item=action.user_item, held=held)
+        except RealtimeError:
+            if held is not None:
+                await self._discard(held)
+            if self.turns.response is None:
+                raise
+
     async def start_response(self, params: dict[str, Any] | None, *, event_id: str | None = None,
                              user_item: str | None = None,
-                             speculation: Speculation | None = None) -> None:
-        if self.response is not None:
-            raise RealtimeError(
-                f"Conversation already has an active response in progress: "
-                f"{self.response.id}. Wait until the response is finished before creating a "
-                "new one.", code="conversation_already_has_active_response",
-                event_id=event_id)
+                             held: Speculation | None = None) -> None:
         config = for_response(self.config, params, voice_locked=self.voice_locked,
                               beta=self.beta, event_id=event_id)
         params = params or {}
         run = ResponseRun(new_response_id(), config,
                           in_conversation=params.get("conversation", "auto") != "none",
-                          metadata=params.get("metadata"), speculation=speculation)
-        self.response = run
-        self.state = "responding"
+                          metadata=params.get("metadata"),
+                          held=held.events() if held is not None else None)
+        try:
+            run.generation, actions = self.turns.begin_response(run.id)
+        except ResponseActive as exc:
+            raise RealtimeError(
+                f"Conversation already has an active response in progress: "
+                f"{exc.response_id}. Wait until the response is finished before creating a "
+                "new one.", code="conversation_already_has_active_response",
+                event_id=event_id) from None
         if user_item is not None:
             self._turn_times[run.id] = self._turn_times.pop(user_item, time.perf_counter())
-        self._response_task = asyncio.get_running_loop().create_task(
-            ResponseWriter(self, run)())
+        task = asyncio.get_running_loop().create_task(self._run_response(run))
+        self._runs[run.generation] = (run, task)
+        await self._act(actions)
+
+    async def _run_response(self, run: ResponseRun) -> None:
+        """Response `run` as its own task; then what the turn state says comes next."""
+        generation = run.generation
+        context = ResponseContext(
+            send=lambda event, audio_ms: self.send(event, generation=generation,
+                                                   audio_ms=audio_ms),
+            conversation=self.conversation,
+            replies=lambda: self._reply_events(run.config),
+            rate_limits=self.rate_limits(),
+            sent_audio_ms=lambda: self.outbox.sent_audio_ms(generation),
+            on_first_audio=lambda: self._first_audio(generation))
+        try:
+            await ResponseWriter(context, run)()
+        finally:  # whatever happened, the floor is free for the next response
+            actions = self.turns.response_finished(
+                generation, server_calls=bool(self._server_calls(run)))
+            self._finished(run)
+        try:
+            await self._act(actions)
+        finally:
+            self._runs.pop(generation, None)
+
+    async def _reply_events(self, config: SessionConfig) -> AsyncGenerator[Any, None]:
+        await self.ready_to_respond()
+        messages = self.conversation.messages(config.instructions)
+        async with contextlib.aclosing(self.replies.events(config, messages)) as events:
+            async for event in events:
+                yield event
+
+    def _first_audio(self, generation: int) -> None:
+        self.voice_locked = True
+        actions = self.turns.audio_started(generation)
+        if actions:
+            self._spawn(self._act(actions))
+
+    def _server_calls(self, run: ResponseRun) -> list[dict[str, Any]]:
+        """The calls of a completed response that the session runs itself."""
+        if run.status != "completed" or not run.in_conversation:
+            return []
+        names = self.server_tool_names()
+        return [c.item for c in run.calls if c.item["name"] in names]
 
     async def _on_response_cancel(self, event: dict[str, Any]) -> None:
-        wanted = event.get("response_id")
-        if self.response is None or (wanted and wanted != self.response.id):
+        try:
+            actions = self.turns.cancel(event.get("response_id"))
+        except NoActiveResponse:
             raise RealtimeError("Cancellation failed: no active response found",
-                                code="response_cancel_not_active", event_id=event.get("event_id"))
-        await self.cancel_response("client_cancelled")
-
-    async def cancel_response(self, reason: str) -> None:
-        run, task = self.response, self._response_task
-        if run is None or task is None or task.done():
-            return
-        run.cancel_reason = reason
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+                                code="response_cancel_not_active",
+                                event_id=event.get("event_id")) from None
+        await self._act(actions)
 
     async def _on_output_audio_buffer_clear(self, event: dict[str, Any]) -> None:
         raise RealtimeError("output_audio_buffer.clear applies to WebRTC and SIP sessions; "
                             "over WebSocket send conversation.item.truncate instead",
                             code="unsupported_event", event_id=event.get("event_id"))
 
-    def response_finished(self, run: ResponseRun) -> None:
-        """Called by the response as its last act: the session is free for the next."""
-        if self.response is run:
-            self.response = None
-            self.state = "listening" if self.input.speaking_since is None else "user speaking"
-        if run.status == "completed":
-            calls = [c.item for c in run.calls if c.item["name"] in self.server_tool_names()]
-            if calls and run.in_conversation:
-                self.state = "waiting on a tool"
-                self._spawn(self._run_tools(calls))
+    def _finished(self, run: ResponseRun) -> None:
         stages, voice_to_voice = self._turn_latency(run)
-        metrics.turn_finished(run.status, stages, voice_to_voice, run.speculation is not None)
+        metrics.turn_finished(run.status, stages, voice_to_voice, run.held is not None)
         if self.config.debug_events and run.first_audio_at is not None:
             self._spawn(self.send(server_event(
                 "parley.turn.latency", response_id=run.id,
                 item_id=run.message["id"] if run.message else None, stages_ms=stages,
-                voice_to_voice_ms=voice_to_voice, speculative=run.speculation is not None)))
-
-    def voice_used(self) -> None:
-        self.voice_locked = True
-        self.state = "speaking"
+                voice_to_voice_ms=voice_to_voice, speculative=run.held is not None),
+                generation=run.generation))
 
     def rate_limits(self) -> list[dict[str, Any]]:
         """Parley meters nothing per key: report the session's own ceilings."""
@@ -526,27 +634,30 @@ class Session:
             "parameters": t.get("parameters") or {"type": "object", "properties": {}}}}
             for t in config.tools]
         names = self.server_tool_names()
-        if names:
+        if names and self.dispatcher is not None:
             tools += [t for t in self.dispatcher.openai_tools(self._call_context())
                       if t["function"]["name"] in names]
         return tools
 
-    async def _run_tools(self, calls: list[dict[str, Any]]) -> None:
-        """Run the response's server-side calls, add their outputs, and answer from them.
+    async def _run_tools(self, calls: list[dict[str, Any]], generation: int) -> None:
+        """Run response `generation`'s server-side calls and add their outputs (sent after
+        that response's events); the turn state decides whether a follow-up answers them.
         A call that started runs to the end and is recorded even if the user interrupts."""
+        assert self.dispatcher is not None
         context = self._call_context()
-        results = await asyncio.gather(*(
-            self.dispatcher.execute(call_from_item(c), context) for c in calls))
-        for result in results:
-            item = {"id": new_item_id(), "object": "realtime.item", "status": "completed",
-                    **function_call_output_item(result)}
-            previous = await self.conversation.add(item)
-            await self.send(server_event("conversation.item.added", previous_item_id=previous,
-                                         item=item))
-            await self.send(server_event("conversation.item.done", previous_item_id=previous,
-                                         item=item))
-        if self.response is None and self.input.speaking_since is None:
-            await self.start_response(self._follow_up_params())
+        try:
+            results = await asyncio.gather(*(
+                self.dispatcher.execute(call_from_item(c), context) for c in calls))
+            for result in results:
+                item = {"id": new_item_id(), "object": "realtime.item", "status": "completed",
+                        **function_call_output_item(result)}
+                previous = await self.conversation.add(item)
+                for kind in ("conversation.item.added", "conversation.item.done"):
+                    await self.send(server_event(kind, previous_item_id=previous, item=item),
+                                    generation=generation)
+        finally:
+            actions = self.turns.tools_done()
+        await self._act(actions)
 
     def _follow_up_params(self) -> dict[str, Any] | None:
         """The response that answers from server tool results, as chat's server tools
@@ -571,8 +682,9 @@ class Session:
         """While the user speaks, put the conversation so far (instructions and tool
         descriptions are most of it) into the session's KV cache, so the reply after the
         turn prefills only the new words."""
-        if self.response is None:
-            self._spawn(prefill_conversation(self), before_responses=True)
+        if self.turns.response is None:
+            self._spawn(self.replies.prefill(self.config, self.conversation.items),
+                        before_responses=True)
 
     def _turn_latency(self, run: ResponseRun) -> tuple[dict[str, int | None], int | None]:
         """The stages of the turn `run` answered (ms), and voice to voice when it was a
@@ -595,7 +707,7 @@ class Session:
             task.add_done_callback(self._before_responses.discard)
         return task
 
-    def _reap(self, task: asyncio.Task) -> None:
+    def _reap(self, task: asyncio.Future) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("realtime session task failed", exc_info=task.exception())
@@ -609,4 +721,3 @@ def _ms(later: float | None, earlier: float | None) -> int | None:
 
 def _error_event(exc: Exception, event_id: str | None) -> dict[str, Any]:
     return error_event(client_error(exc) or ParleyError("internal server error"), event_id)
-

@@ -23,29 +23,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, Protocol
 
 from agent.realtime.conversation import as_messages
-from agent.realtime.response import completion_events, spoken_item
-
-if TYPE_CHECKING:
-    from agent.realtime.session import Session
-    from agent.realtime.session_config import SessionConfig
+from agent.realtime.replies import Replies, spoken_item
+from agent.realtime.session_config import SessionConfig
+from agent.speech.transcript import Transcript
 
 log = logging.getLogger(__name__)
 _END = object()
 
 
-class Speculation:
-    """One speculative reply to the speech that ended at sample `speech_end`."""
+class SpeculativeTranscriber(Protocol):
+    async def speculative(self, speech_end: int) -> Transcript | None: ...
 
-    def __init__(self, session: Session, turn: Any, speech_end: int):
-        self.session = session
+
+class Speculation:
+    """One speculative reply to the speech that ended at sample `speech_end`.
+
+    `items`: the conversation at the pause; `voiced_until`: where the user's voice ends
+    now (None once the turn is over), to tell whether they went on speaking."""
+
+    def __init__(self, turn: SpeculativeTranscriber, speech_end: int, *,
+                 config: SessionConfig, items: list[dict[str, Any]], replies: Replies,
+                 voiced_until: Callable[[], int | None]):
         self.speech_end = speech_end
-        self.config: SessionConfig = session.config
+        self.config = config
         self.text: str | None = None  # the transcript it answers, once known
-        self._items = list(session.conversation.items)
+        self._items = list(items)
+        self._replies = replies
+        self._voiced_until = voiced_until
         self.messages: list[dict[str, Any]] | None = None
         # Held pipeline events. Bounded by the reply itself (max_output_tokens and its
         # audio), the same as what the response would have queued for sending.
@@ -57,7 +65,7 @@ class Speculation:
         try:
             transcript = await turn.speculative(self.speech_end)
             text = transcript.text.strip() if transcript is not None else ""
-            voiced = self.session.input.voiced_until  # None: the turn has ended meanwhile
+            voiced = self._voiced_until()  # None: the turn has ended meanwhile
             if not text or (voiced is not None and voiced > self.speech_end):
                 return  # nothing heard, or the user went on speaking meanwhile
             self.text = text
@@ -66,8 +74,10 @@ class Speculation:
             self.messages = as_messages(self.config.instructions,
                                         [*self._items, spoken_item(text)])
             self._decided.set()
-            async for event in completion_events(self.session, self.config, self.messages):
-                self._events.put_nowait(event)
+            async with contextlib.aclosing(self._replies.events(self.config,
+                                                               self.messages)) as events:
+                async for event in events:
+                    self._events.put_nowait(event)
         except Exception as exc:  # the real response will meet (and report) the same fault
             log.warning("speculative reply failed: %s", exc)
             self._events.put_nowait(exc)
@@ -86,12 +96,16 @@ class Speculation:
         return (not self._task.cancelled() and self.speech_end == speech_end
                 and self.text == text and self.config is config and self.messages == messages)
 
-    async def events(self) -> AsyncIterator[Any]:
-        """The pipeline's events, held ones first, then live ones as they come."""
-        while (event := await self._events.get()) is not _END:
-            if isinstance(event, Exception):
-                raise event
-            yield event
+    async def events(self) -> AsyncGenerator[Any, None]:
+        """The pipeline's events, held ones first, then live ones as they come. Closing
+        this (the response is done, cancelled or failed) stops the reply's pipeline."""
+        try:
+            while (event := await self._events.get()) is not _END:
+                if isinstance(event, Exception):
+                    raise event
+                yield event
+        finally:
+            await self.cancel()
 
     async def cancel(self) -> None:
         self._task.cancel()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -26,8 +26,18 @@ from agent.audio.vad import as_samples
 from agent.speech.transcript import Transcript
 from agent.speech.workers import Priority
 
-if TYPE_CHECKING:
-    from agent.speech.asr import ASREngine
+
+class Transcriber(Protocol):
+    """What turn transcription needs of the ASR (ASREngine; a fake in tests)."""
+
+    def resolve_language(self, language: str | None) -> str | None: ...
+
+    async def transcribe_async(self, audio: np.ndarray, *, language: str | None = None,
+                               words: bool = True, priority: Priority = Priority.BATCH,
+                               ) -> Transcript: ...
+
+    async def transcribe_partial_async(self, audio: np.ndarray, *,
+                                       language: str | None = None) -> Transcript | None: ...
 
 RATE = 16_000
 # Audio kept after the last voiced frame: one VAD frame, which has always arrived by the
@@ -69,7 +79,7 @@ class ASRStream:
     Feed each chunk here before acting on the VAD events of that chunk.
     """
 
-    def __init__(self, engine: ASREngine, *, start_sample: int = 0,
+    def __init__(self, engine: Transcriber, *, start_sample: int = 0,
                  language: str | None = None, partial_interval: float | None = PARTIAL_INTERVAL,
                  words: bool = False) -> None:
         self.engine = engine

@@ -362,6 +362,32 @@ async def test_a_short_backchannel_does_not_interrupt(server, question):
     assert not events.of("input_audio_buffer.committed")  # not a turn of its own
 
 
+async def test_a_slow_reader_talking_over_an_answer_gets_little_of_it_after_its_speech(
+        server, question):
+    """The client reads nothing for 5 s while a long answer streams (its socket buffers
+    fill, the server's outbox waits), then talks over it: the answer is cut at once, and
+    what still arrives of its audio after speech_started is at most a second."""
+    onset_s = speech_onset(question) / RATE
+    async with realtime(server, **SHORT) as (conn, events):
+        await conn.conversation.item.create(item=user_text(STORY))
+        await conn.response.create(response={"max_output_tokens": 400})
+        first = await events.until("response.output_audio.delta", timeout=90)
+        story_id = first["response_id"]
+        await asyncio.sleep(5.0)  # a reader that stalls: nothing is read meanwhile
+        talking = time.monotonic() + onset_s  # when its voice begins
+        sender = asyncio.create_task(stream(conn, spoken(question)))
+        started = await events.until("input_audio_buffer.speech_started", timeout=30)
+        done = await events.until("response.done", for_response(story_id), timeout=30)
+        done_after_s = time.monotonic() - talking
+        sender.cancel()
+    assert done["response"]["status"] == "cancelled"
+    stale = [e for e in events.seen[events.index(started):]
+             if e["type"] == "response.output_audio.delta" and e["response_id"] == story_id]
+    stale_ms = sum(len(base64.b64decode(e["delta"])) for e in stale) // PCM_BYTES_PER_MS
+    assert stale_ms <= 1000, f"{stale_ms} ms of the cancelled answer after speech_started"
+    assert done_after_s <= 1.5, f"response.done {done_after_s:.2f} s after the voice began"
+
+
 # -- manual turns ----------------------------------------------------------------------------
 
 async def test_manual_turns_commit_and_respond_on_request(server, question):

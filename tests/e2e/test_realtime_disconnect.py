@@ -22,6 +22,12 @@ def decoder_sessions(base: str) -> int:
                for s in stats.values())
 
 
+def sessions_gauge(base: str) -> float:
+    metrics = httpx.get(base + "/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("parley_realtime_sessions"))
+
+
 async def _vanish_mid_answer(base: str) -> None:
     url = base.replace("http://", "ws://") + "/v1/realtime?model=gpt-realtime"
     async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {KEY}"},
@@ -46,3 +52,6 @@ def test_a_vanished_client_with_a_full_outbox_frees_its_decoder_slot() -> None:
             assert time.monotonic() - gone < 2.0, httpx.get(base + "/healthz").json()
             time.sleep(0.05)
         assert httpx.get(base + "/healthz", timeout=10).status_code == 200
+        while sessions_gauge(base):  # the session itself is closed, not only its slot
+            assert time.monotonic() - gone < 2.0, sessions_gauge(base)
+            time.sleep(0.05)
