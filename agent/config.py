@@ -97,6 +97,26 @@ class Settings:
     realtime_send_queue: int = 512
     realtime_audio_ahead_ms: int = 1000
     realtime_state_ttl_s: int = 24 * 3600
+    # Phone calls through Twilio Media Streams (agent/phone): on when the account's auth
+    # token is set. `public_url`: the scheme and host Twilio calls, when a proxy in front
+    # changes them (signatures cover the URL Twilio used). The call's session: its
+    # instructions, voice, greeting (spoken when the stream starts), whether the server's
+    # tools run, how long a pause ends a group of keypad digits, and how long the stream
+    # token in the TwiML stays good.
+    twilio_auth_token: str | None = None
+    public_url: str | None = None
+    # None: the realtime sessions' own default instructions. SmolLM2 answered "What is
+    # the capital of France?" after the greeting with nonsense under a phone-specific
+    # prompt we tried, and right under that default.
+    twilio_instructions: str | None = None
+    twilio_voice: str | None = None
+    twilio_greeting: str | None = None
+    twilio_server_tools: bool = False
+    twilio_dtmf_timeout_ms: int = 1500
+    twilio_token_ttl_s: int = 300
+    # Per called number ("+15551234567"), any of instructions, voice and greeting:
+    # [twilio.numbers."+15551234567"] in the TOML file.
+    twilio_numbers: dict[str, dict[str, str]] = field(default_factory=dict)
     # Start the reply during the end-of-turn silence and hold it until the turn is
     # confirmed (agent/realtime/speculation.py); off: every reply waits for the silence.
     realtime_speculate: bool = True
@@ -139,6 +159,9 @@ def _coerce(name: str, raw: object, annotation: object) -> object:
                 pairs = [p.split("=", 1) for p in raw.split(",") if p.strip()]
                 return {k.strip(): v.strip() for k, v in pairs}
             return {str(k): str(v) for k, v in dict(raw).items()}  # type: ignore[call-overload]
+        if annotation == dict[str, dict[str, str]]:
+            return {str(outer): {str(k): str(v) for k, v in dict(inner).items()}
+                    for outer, inner in dict(raw).items()}  # type: ignore[call-overload]
         return str(raw)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"setting {name!r} has an invalid value: {raw!r}") from exc
@@ -149,7 +172,8 @@ def _flatten(table: dict, prefix: str = "") -> dict[str, object]:
     for key, value in table.items():
         name = f"{prefix}{key}".replace("-", "_")
         # `voices` is itself a mapping; every other table is a prefix.
-        if isinstance(value, dict) and name not in ("voices", "model_aliases"):
+        if isinstance(value, dict) and name not in ("voices", "model_aliases",
+                                                    "twilio_numbers"):
             flat.update(_flatten(value, f"{name}_"))
         else:
             flat[name] = value

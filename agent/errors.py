@@ -84,6 +84,22 @@ class ModelNotFoundError(ParleyError):
     code = "model_not_found"
 
 
+class NotFoundError(ParleyError):
+    """A path Parley serves only when configured (the Twilio webhook without its token)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ForbiddenError(ParleyError):
+    """A request whose signature does not prove where it came from."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "invalid_signature"
+
+
 class ConfigError(ParleyError):
     """A setting is malformed. Raised at start-up, never during a request."""
 

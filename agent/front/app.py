@@ -27,6 +27,8 @@ from agent.front.realtime_secrets import ROUTES as REALTIME_SECRET_ROUTES
 from agent.front.speech import create_speech
 from agent.front.transcriptions import create_transcription
 from agent.model_ids import listed_models
+from agent.phone.media import twilio_media
+from agent.phone.webhook import twilio_voice
 from agent.realtime.endpoint import realtime_endpoint
 from agent.runtime import Runtime
 from agent.state.store import Store
@@ -132,6 +134,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/audio/transcriptions", create_transcription, methods=["POST"]),
         *REALTIME_SECRET_ROUTES,
         WebSocketRoute("/v1/realtime", realtime_endpoint),
+        Route("/twilio/voice", twilio_voice, methods=["POST"]),
+        WebSocketRoute("/twilio/media", twilio_media),
     ]
     return Starlette(
         routes=routes,

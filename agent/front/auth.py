@@ -16,7 +16,8 @@ from agent.api_keys import bearer_token, key_is_valid
 from agent.config import Settings
 from agent.errors import error_object
 
-OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs"})
+# /twilio/voice proves itself with Twilio's signature instead (agent.phone.webhook).
+OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/twilio/voice"})
 
 
 class APIKeyMiddleware:

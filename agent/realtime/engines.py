@@ -15,7 +15,7 @@ from agent.dispatch import CallContext, ToolCall, ToolResult, ToolSpec
 from agent.realtime.replies import Replies
 from agent.speech.asr_stream import Transcriber
 
-__all__ = ["FrameScorer", "Replies", "ToolRunner", "Transcriber"]
+__all__ = ["FrameScorer", "Playback", "Replies", "ToolRunner", "Transcriber"]
 
 
 class ToolRunner(Protocol):
@@ -26,3 +26,22 @@ class ToolRunner(Protocol):
     def openai_tools(self, context: CallContext) -> list[dict[str, Any]]: ...
 
     async def execute(self, call: ToolCall, context: CallContext) -> ToolResult: ...
+
+
+class Playback(Protocol):
+    """The listener's playback, where the server can know it (a phone bridge learns it
+    from the marks Twilio echoes). Without one, a response ends when its last event is
+    queued and the client truncates what it did not play."""
+
+    async def drained(self, response_id: str) -> None:
+        """Return once everything the response sent has been played (or the playing was
+        stopped)."""
+        ...
+
+    def stop(self, response_id: str) -> None:
+        """The listener barged in: drop what of the response is still queued to play."""
+        ...
+
+    def played_ms(self, item_id: str) -> int | None:
+        """How much of item `item_id`'s audio was played (None: nothing known)."""
+        ...

@@ -8,11 +8,13 @@ yields pipeline events without a model.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any, Protocol
 
-from agent.chat.pipeline import plan_completion, run_completion
+from agent.audio.encode import StreamingEncoder
+from agent.chat.pipeline import AudioData, ChoiceDone, TextDelta, plan_completion, run_completion
 from agent.chat.request import AudioOutput, ChatRequest
 from agent.model_ids import ServedModel
 from agent.realtime.conversation import as_messages
@@ -30,6 +32,10 @@ class Replies(Protocol):
     async def prefill(self, config: SessionConfig, items: list[dict[str, Any]],
                       heard: str | None = None) -> None:
         """Warm the cache with the conversation `items` (and `heard` as a user turn)."""
+        ...
+
+    def say(self, config: SessionConfig, text: str) -> AsyncGenerator[Any, None]:
+        """Events that speak `text` word for word (no model): a greeting."""
         ...
 
 
@@ -92,3 +98,20 @@ class ChatReplies:
                                         audio=False)) as events:
             async for _ in events:
                 pass
+
+    async def say(self, config: SessionConfig, text: str) -> AsyncGenerator[Any, None]:
+        yield TextDelta(0, text)
+        seconds = 0.0
+        if config.audio_output:
+            tts = await self.runtime.tts()
+            encoder: StreamingEncoder | None = None
+            async for chunk in tts.stream(text, config.voice, config.speed):
+                if not len(chunk.pcm):
+                    continue
+                seconds += chunk.duration
+                encoder = encoder or StreamingEncoder(config.output_format.codec, chunk.rate)
+                if data := await asyncio.to_thread(encoder.feed, chunk.pcm):
+                    yield AudioData(0, data)
+            if encoder is not None and (data := await asyncio.to_thread(encoder.close)):
+                yield AudioData(0, data)
+        yield ChoiceDone(0, "stop", text, None, seconds, 0, 0, 0)

@@ -66,7 +66,10 @@ class ResponseRun:
     usage: dict[str, Any] | None = None
     started_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
-    held: AsyncGenerator[Any, None] | None = None  # a held reply's events, adopted
+    # Where its events come from when not the pipeline: an adopted held reply's events
+    # (`speculative`), or a scripted utterance (a phone call's greeting).
+    source: AsyncGenerator[Any, None] | None = None
+    speculative: bool = False
     generation: int = 0                    # the session's count of responses (outbox)
 
     @property
@@ -141,7 +144,7 @@ class ResponseWriter:
     # -- generation -------------------------------------------------------------------------
 
     async def _generate(self) -> None:
-        source = self.run.held if self.run.held is not None else self.context.replies()
+        source = self.run.source if self.run.source is not None else self.context.replies()
         # aclosing: a cancelled or failed response stops its pipeline (decoder, TTS) here
         # and now, not whenever the generator is collected.
         async with aclosing(source) as events:

@@ -30,7 +30,7 @@ from agent.dispatch.confirmation import confirmed_in_chat
 from agent.errors import ParleyError, client_error
 from agent.model_ids import resolve_model
 from agent.realtime.conversation import Conversation, truncate_transcript
-from agent.realtime.engines import FrameScorer, Replies, ToolRunner, Transcriber
+from agent.realtime.engines import FrameScorer, Playback, Replies, ToolRunner, Transcriber
 from agent.realtime.input import RATE, InputAudio
 from agent.realtime.outbox import Outbox
 from agent.realtime.protocol import (
@@ -87,7 +87,7 @@ class Session:
     def __init__(self, runtime: Runtime, config: SessionConfig, conversation: Conversation,
                  *, beta: bool, api_key: str | None, vad_model: FrameScorer,
                  asr: Transcriber, dispatcher: ToolRunner | None,
-                 replies: Replies | None = None):
+                 replies: Replies | None = None, playback: Playback | None = None):
         self.runtime = runtime
         self.settings = runtime.settings
         self.config = config
@@ -108,6 +108,7 @@ class Session:
         self.dispatcher = dispatcher
         self.replies: Replies = replies or ChatReplies(runtime, self.served,
                                                        self.decoder_session, self.chat_tools)
+        self.playback = playback
         self.turns: TurnState[Speculation] = TurnState(self._policy(), new_item_id)
         self.voice_locked = any(i.get("role") == "assistant" for i in conversation.items)
         # The responses in flight by generation (one, and briefly the one finishing).
@@ -209,16 +210,26 @@ class Session:
                 raise AssertionError(f"unexpected turn action {action!r}")
 
     async def _cancel(self, action: CancelResponse) -> None:
-        """Stop response `generation`: its unsent audio goes at once, then its task."""
+        """Stop response `generation`: its unsent audio goes at once, what plays at the
+        listener too (where the server knows it), then its task. Where playback is known,
+        the item keeps what was played."""
         self.outbox.cancel(action.generation)
         entry = self._runs.get(action.generation)
         if entry is None:
             return
         run, task = entry
+        if self.playback is not None:
+            self.playback.stop(run.id)
         run.cancel_reason = action.reason
-        if task is not asyncio.current_task() and not task.done():
+        if task is asyncio.current_task():
+            return
+        if run.status in ("in_progress", "length"):  # still generating (not only playing)
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(task, return_exceptions=True)
+        if self.playback is not None and run.message is not None and run.in_conversation:
+            played = self.playback.played_ms(run.message["id"])
+            if played is not None:
+                await self._truncate(run.message["id"], played, only_shorter=True)
 
     # -- session ------------------------------------------------------------------------------
 
@@ -462,14 +473,21 @@ class Session:
     async def _on_conversation_item_truncate(self, event: dict[str, Any]) -> None:
         """The client played `audio_end_ms` of an assistant item: the rest, and the words
         spoken in it, leave the conversation (the model won't think it said them)."""
-        event_id = event.get("event_id")
-        item = self.conversation.get(event["item_id"], event_id=event_id)
+        await self._truncate(event["item_id"], int(event["audio_end_ms"]),
+                             content_index=event.get("content_index", 0),
+                             event_id=event.get("event_id"))
+
+    async def _truncate(self, item_id: str, end_ms: int, *, content_index: int = 0,
+                        event_id: str | None = None, only_shorter: bool = False) -> None:
+        item = self.conversation.get(item_id, event_id=event_id)
         if item.get("role") != "assistant" or item.get("type") != "message":
             raise RealtimeError("only assistant message items can be truncated",
                                 code="invalid_item_type", param="item_id", event_id=event_id)
         audio = await self.conversation.audio(item["id"]) or b""
         per_ms = BYTES_PER_MS.get(self.config.output_format.kind, 48)
-        total_ms, end_ms = len(audio) // per_ms, int(event["audio_end_ms"])
+        total_ms = len(audio) // per_ms
+        if only_shorter and end_ms >= total_ms:
+            return
         if end_ms > total_ms:
             raise RealtimeError(f"Audio content of {total_ms}ms is already shorter than "
                                 f"{end_ms}ms", code="invalid_value", param="audio_end_ms",
@@ -480,8 +498,7 @@ class Session:
         await self.conversation.save()
         await self.conversation.save_audio(item["id"], audio[: end_ms * per_ms])
         await self.send(server_event("conversation.item.truncated", item_id=item["id"],
-                                     content_index=event.get("content_index", 0),
-                                     audio_end_ms=end_ms))
+                                     content_index=content_index, audio_end_ms=end_ms))
 
     # -- responses ----------------------------------------------------------------------------
 
@@ -513,14 +530,16 @@ class Session:
 
     async def start_response(self, params: dict[str, Any] | None, *, event_id: str | None = None,
                              user_item: str | None = None,
-                             held: Speculation | None = None) -> None:
+                             held: Speculation | None = None,
+                             scripted: AsyncGenerator[Any, None] | None = None) -> None:
         config = for_response(self.config, params, voice_locked=self.voice_locked,
                               beta=self.beta, event_id=event_id)
         params = params or {}
         run = ResponseRun(new_response_id(), config,
                           in_conversation=params.get("conversation", "auto") != "none",
                           metadata=params.get("metadata"),
-                          held=held.events() if held is not None else None)
+                          source=held.events() if held is not None else scripted,
+                          speculative=held is not None)
         try:
             run.generation, actions = self.turns.begin_response(run.id)
         except ResponseActive as exc:
@@ -548,6 +567,10 @@ class Session:
             on_first_audio=lambda: self._first_audio(generation))
         try:
             await ResponseWriter(context, run)()
+            if self.playback is not None and run.audio and run.status != "cancelled":
+                # The listener is still hearing it: the floor is the response's until the
+                # playing ends (so talking over it is a barge-in, as during generation).
+                await self.playback.drained(run.id)
         finally:  # whatever happened, the floor is free for the next response
             actions = self.turns.response_finished(
                 generation, server_calls=bool(self._server_calls(run)))
@@ -577,6 +600,11 @@ class Session:
         names = self.server_tool_names()
         return [c.item for c in run.calls if c.item["name"] in names]
 
+    async def say(self, text: str) -> None:
+        """Speak `text` as the assistant, word for word (a phone call's greeting): a
+        response like any other, so it can be talked over."""
+        await self.start_response(None, scripted=self.replies.say(self.config, text))
+
     async def _on_response_cancel(self, event: dict[str, Any]) -> None:
         try:
             actions = self.turns.cancel(event.get("response_id"))
@@ -593,12 +621,12 @@ class Session:
 
     def _finished(self, run: ResponseRun) -> None:
         stages, voice_to_voice = self._turn_latency(run)
-        metrics.turn_finished(run.status, stages, voice_to_voice, run.held is not None)
+        metrics.turn_finished(run.status, stages, voice_to_voice, run.speculative)
         if self.config.debug_events and run.first_audio_at is not None:
             self._spawn(self.send(server_event(
                 "parley.turn.latency", response_id=run.id,
                 item_id=run.message["id"] if run.message else None, stages_ms=stages,
-                voice_to_voice_ms=voice_to_voice, speculative=run.held is not None),
+                voice_to_voice_ms=voice_to_voice, speculative=run.speculative),
                 generation=run.generation))
 
     def rate_limits(self) -> list[dict[str, Any]]:

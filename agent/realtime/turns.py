@@ -443,6 +443,7 @@ class TurnState(Generic[H]):
             raise ResponseActive(self.response.id)
         target = P.OVERLAP if self.phase is P.USER_SPEAKING else P.RESPONDING
         actions = self._move(Input.RESPONSE_STARTED, target)
+        self._answer = None  # it waits for every transcript, so it answers that turn too
         self._generation += 1
         self.response = ActiveResponse(response_id, self._generation)
         if target is P.OVERLAP and self.policy.interrupt_response:

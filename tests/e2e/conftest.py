@@ -15,6 +15,10 @@ import pytest
 
 PARLEY = Path(sys.executable).with_name("parley")
 API_KEY = "sk-test-e2e"
+# Phone calls (tests/e2e/test_phone.py): the Twilio account's auth token and the greeting.
+TWILIO_TOKEN = "e2e-twilio-auth-token"
+GREETING = ("Hello, and thank you for calling Parley. I can help you with orders, "
+            "deliveries and payments. What can I do for you today?")
 
 
 def _free_port() -> int:
@@ -35,7 +39,8 @@ def server(tmp_path_factory) -> str:
                # on Piper's random prosody (it misheard "Paris" in about one run in fifty).
                PARLEY_TTS_VARIATION="false",
                PARLEY_TOOLS_DATA_DIR=str(tmp_path_factory.mktemp("tools")),
-               PARLEY_MAX_AUDIO_BYTES=str(4 * 1024 * 1024), PARLEY_LOG_LEVEL="warning")
+               PARLEY_MAX_AUDIO_BYTES=str(4 * 1024 * 1024), PARLEY_LOG_LEVEL="warning",
+               PARLEY_TWILIO_AUTH_TOKEN=TWILIO_TOKEN, PARLEY_TWILIO_GREETING=GREETING)
     with open(log, "w") as out:
         proc = subprocess.Popen([str(PARLEY), "serve", "--port", str(port)], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)

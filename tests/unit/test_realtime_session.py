@@ -80,6 +80,11 @@ class Talker:
                       heard: str | None = None) -> None:
         return None
 
+    async def say(self, config: SessionConfig, text: str) -> AsyncGenerator[Any, None]:
+        yield TextDelta(0, text)
+        yield AudioData(0, bytes(CHUNK_MS * PCM_PER_MS))
+        yield ChoiceDone(0, "stop", text, None, 0.1, 0, 0, 0)
+
 
 class MemoryStore:
     def __init__(self) -> None:
@@ -281,3 +286,48 @@ async def _until(condition: Any) -> None:
     bound it with a timeout). The fakes never wait on a clock, so no time passes."""
     while not condition():
         await asyncio.sleep(0)
+
+
+class FarEndPlayback:
+    """A listener whose playback the server knows (as the phone bridge knows it): it
+    has heard `played_ms` of each item and will not finish by itself."""
+
+    def __init__(self, played_ms: int):
+        self.played = played_ms
+        self.stopped: list[str] = []
+        self._stop = asyncio.Event()
+
+    async def drained(self, response_id: str) -> None:
+        await self._stop.wait()
+
+    def stop(self, response_id: str) -> None:
+        self.stopped.append(response_id)
+        self._stop.set()
+
+    def played_ms(self, item_id: str) -> int | None:
+        return self.played
+
+
+async def test_talking_over_an_answer_still_playing_stops_it_and_keeps_what_was_heard(
+        session_factory) -> None:
+    """The answer is fully generated and sent, but the listener has heard 200 ms of it:
+    the floor is still the answer's, so talking over it barges in, stops the playing
+    and cuts the item to those 200 ms."""
+    talker = Talker(pieces=5)
+    session, _ = session_factory(talker, realtime_speculate=False)
+    playback = FarEndPlayback(played_ms=200)
+    session.playback = playback
+    await session.start()
+    await session.handle(json.dumps({"type": "response.create"}))
+    seen: list[dict[str, Any]] = []
+    done = await read_until(session, "response.done", seen)
+    assert done["response"]["status"] == "completed"
+    assert session.turns.phase is Phase.SPEAKING  # still playing at the far end
+    item_id = done["response"]["output"][0]["id"]
+    await say(session, tone(800) + quiet(700))
+    after = await read_all(session)
+    assert playback.stopped == [done["response"]["id"]]
+    truncated = next(e for e in after if e["type"] == "conversation.item.truncated")
+    assert (truncated["item_id"], truncated["audio_end_ms"]) == (item_id, 200)
+    assert len(await session.conversation.audio(item_id) or b"") == 200 * PCM_PER_MS
+    assert session.conversation.get(item_id)["content"][0]["transcript"] == "word0 word1"

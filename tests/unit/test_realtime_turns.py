@@ -99,6 +99,16 @@ def test_speech_before_the_transcript_arrives_means_the_user_goes_on() -> None:
         [Respond(second, None, None, "about my order")]
 
 
+def test_a_response_the_client_asks_for_while_transcribing_answers_that_turn() -> None:
+    turns = machine()
+    item = speaking(turns)
+    turns.speech_stopped()
+    generation = responding(turns)
+    assert turns.transcribed(item, "hello") == []
+    assert turns.response_finished(generation, server_calls=False) == []  # not twice
+    assert turns.phase is Phase.LISTENING
+
+
 def test_a_manual_commit_is_not_answered_by_itself() -> None:
     turns = machine()
     item, actions = turns.committed()
