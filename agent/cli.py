@@ -114,6 +114,10 @@ def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         from agent.bench.realtime import bench_realtime
 
         return bench_realtime(settings, args)
+    if args.what == "phone":
+        from agent.bench.phone import bench_phone
+
+        return bench_phone(settings, args)
     from agent.bench.decoder import bench_decoder
 
     return bench_decoder(settings, args)
@@ -165,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks whose tables go in the README")
     p.add_argument("what", choices=["speech", "decoder", "kernels", "gpu", "chat", "tools",
-                                      "realtime", "quality"])
+                                      "realtime", "quality", "phone"])
     p.add_argument("--model", help="decoder, tools, quality: model name or .gguf path")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--backend", default=None,

@@ -53,6 +53,9 @@ class CallContext:
     allowed_tools: frozenset[str] | None = None
     # Filled by the dispatcher before a backend runs, so a backend can derive keys from it.
     call_id: str = ""
+    # On a phone call: the keypad digits that were the user's latest turn, if it was one
+    # (an account number, a menu choice); None otherwise.
+    keypad: str | None = None
 
     @property
     def key_id(self) -> str:

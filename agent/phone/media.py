@@ -36,7 +36,7 @@ from agent.phone import tokens
 from agent.phone.playback import MarkLedger
 from agent.realtime.conversation import Conversation
 from agent.realtime.protocol import RealtimeError
-from agent.realtime.session import Session
+from agent.realtime.session import KEYPAD_PREFIX, Session
 from agent.realtime.session_config import apply_update, default_session
 from agent.runtime import Runtime
 
@@ -237,7 +237,7 @@ class PhoneCall:
             return
         await session.handle(json.dumps({"type": "conversation.item.create", "item": {
             "type": "message", "role": "user",
-            "content": [{"type": "input_text", "text": f"DTMF: {digits}"}]}}))
+            "content": [{"type": "input_text", "text": KEYPAD_PREFIX + digits}]}}))
         if session.turns.response is not None:
             await session.handle(json.dumps({"type": "response.cancel"}))
         await session.handle(json.dumps({"type": "response.create"}))

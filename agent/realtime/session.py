@@ -640,7 +640,7 @@ class Session:
     def _call_context(self) -> CallContext:
         messages = self.conversation.messages("")
         return CallContext(session_id=f"realtime:{self.conversation.id}", api_key=self.api_key,
-                           confirmed=confirmed_in_chat(messages))
+                           confirmed=confirmed_in_chat(messages), keypad=_keypad(messages))
 
     def server_tool_names(self) -> frozenset[str]:
         """The dispatcher's tools this session runs itself: with `parley.server_tools`
@@ -739,6 +739,18 @@ class Session:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("realtime session task failed", exc_info=task.exception())
+
+
+KEYPAD_PREFIX = "DTMF: "  # how keypad input reads in the conversation (agent.phone.media)
+
+
+def _keypad(messages: list[dict[str, Any]]) -> str | None:
+    """The digits of the user's latest turn, when it was keypad input."""
+    last = next((m for m in reversed(messages) if m.get("role") == "user"), None)
+    text = last.get("content") if last else None
+    if isinstance(text, str) and text.startswith(KEYPAD_PREFIX):
+        return text[len(KEYPAD_PREFIX):]
+    return None
 
 
 def _ms(later: float | None, earlier: float | None) -> int | None:

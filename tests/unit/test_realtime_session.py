@@ -331,3 +331,15 @@ async def test_talking_over_an_answer_still_playing_stops_it_and_keeps_what_was_
     assert (truncated["item_id"], truncated["audio_end_ms"]) == (item_id, 200)
     assert len(await session.conversation.audio(item_id) or b"") == 200 * PCM_PER_MS
     assert session.conversation.get(item_id)["content"][0]["transcript"] == "word0 word1"
+
+
+async def test_keypad_input_is_what_the_tools_see_as_the_latest_turn(session_factory) -> None:
+    session, _ = session_factory(Talker(pieces=1))
+    for text in ("my order", "DTMF: 4711"):
+        await session.handle(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": text}]}}))
+    assert session._call_context().keypad == "4711"
+    await session.handle(json.dumps({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "ok"}]}}))
+    assert session._call_context().keypad is None
