@@ -112,6 +112,9 @@ class Settings:
     twilio_voice: str | None = None
     twilio_greeting: str | None = None
     twilio_server_tools: bool = False
+    # A caller cannot skim: an answer stops after this many tokens (~40 s spoken). Without
+    # a cap SmolLM2 talked for over a minute on three turns of four (parley bench phone).
+    twilio_max_output_tokens: int = 150
     twilio_dtmf_timeout_ms: int = 1500
     twilio_token_ttl_s: int = 300
     # Per called number ("+15551234567"), any of instructions, voice and greeting:

