@@ -102,7 +102,7 @@ TRANSITIONS: dict[Phase, dict[Input, frozenset[Phase]]] = {
         Input.SPEECH_STARTED: frozenset({P.OVERLAP}),
         Input.AUDIO_STARTED: frozenset({P.SPEAKING}),
         Input.CANCEL: frozenset({P.CANCELLING}),
-        Input.RESPONSE_FINISHED: frozenset({P.LISTENING, P.AWAITING_TOOL}),
+        Input.RESPONSE_FINISHED: frozenset({P.LISTENING, P.AWAITING_TOOL, P.TRANSCRIBING}),
         Input.COMMITTED: frozenset({P.RESPONDING}),
         Input.CLEARED: frozenset({P.RESPONDING}),
         Input.TRANSCRIBED: frozenset({P.RESPONDING}),
@@ -112,7 +112,7 @@ TRANSITIONS: dict[Phase, dict[Input, frozenset[Phase]]] = {
     P.SPEAKING: {
         Input.SPEECH_STARTED: frozenset({P.OVERLAP}),
         Input.CANCEL: frozenset({P.CANCELLING}),
-        Input.RESPONSE_FINISHED: frozenset({P.LISTENING, P.AWAITING_TOOL}),
+        Input.RESPONSE_FINISHED: frozenset({P.LISTENING, P.AWAITING_TOOL, P.TRANSCRIBING}),
         Input.COMMITTED: frozenset({P.SPEAKING}),
         Input.CLEARED: frozenset({P.SPEAKING}),
         Input.TRANSCRIBED: frozenset({P.SPEAKING}),
@@ -485,14 +485,8 @@ class TurnState(Generic[H]):
         if self.phase is P.CANCELLING and self.user_speaking:
             return [*self._move(Input.RESPONSE_FINISHED, P.USER_SPEAKING), *actions]
         answer = self._answer
-        if self.phase is P.CANCELLING and answer is not None:
-            if answer.text is None:
-                return [*self._move(Input.RESPONSE_FINISHED, P.TRANSCRIBING), *actions]
-            self._answer = None
-            return [*self._move(Input.RESPONSE_FINISHED, P.LISTENING), *actions,
-                    Respond(answer.item_id, None, answer.speech_end, answer.text)]
-        if answer is not None and answer.text is not None:  # heard while not interrupting
-            self._answer = None
+        if answer is not None and answer.text is not None:  # a turn the response was in
+            self._answer = None                              # the way of: answer it now
             return [*self._move(Input.RESPONSE_FINISHED, P.LISTENING), *actions,
                     Respond(answer.item_id, None, answer.speech_end, answer.text)]
         target = P.AWAITING_TOOL if server_calls else P.LISTENING

@@ -426,3 +426,14 @@ def test_illegal_moves_are_exactly_the_ones_the_table_leaves_out() -> None:
                 continue
             with pytest.raises((IllegalTransition, NoActiveResponse)):
                 probe(turns)
+
+
+def test_a_turn_heard_without_interrupting_waits_for_its_transcript_after_the_answer() -> None:
+    turns = machine(interrupt_response=False)
+    generation = responding(turns, audible=True)
+    item = speaking(turns)
+    turns.speech_stopped()
+    assert turns.response_finished(generation, server_calls=False) == []
+    assert turns.phase is Phase.TRANSCRIBING
+    assert turns.transcribed(item, "and tomorrow?") == \
+        [Respond(item, None, None, "and tomorrow?")]
