@@ -118,6 +118,10 @@ def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         from agent.bench.phone import bench_phone
 
         return bench_phone(settings, args)
+    if args.what == "widget":
+        from agent.bench.widget import bench_widget
+
+        return bench_widget(settings, args)
     from agent.bench.decoder import bench_decoder
 
     return bench_decoder(settings, args)
@@ -169,12 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks whose tables go in the README")
     p.add_argument("what", choices=["speech", "decoder", "kernels", "gpu", "chat", "tools",
-                                      "realtime", "quality", "phone"])
+                                      "realtime", "quality", "phone", "widget"])
     p.add_argument("--model", help="decoder, tools, quality: model name or .gguf path")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--backend", default=None,
                    help="realtime: the server's decoder backend (default: llm_backend setting)")
     p.add_argument("--verbose", action="store_true", help="quality: print every reply")
+    p.add_argument("--screenshots", type=Path, default=None,
+                   help="widget: save the widget in each of its states to this folder")
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -120,6 +120,9 @@ class Settings:
     # Per called number ("+15551234567"), any of instructions, voice and greeting:
     # [twilio.numbers."+15551234567"] in the TOML file.
     twilio_numbers: dict[str, dict[str, str]] = field(default_factory=dict)
+    # The browser widget's demo page (GET /widget/) mints client secrets without a key:
+    # auto = only on a loopback connection that no proxy forwarded | on | off
+    widget_demo: str = "auto"
     # Start the reply during the end-of-turn silence and hold it until the turn is
     # confirmed (agent/realtime/speculation.py); off: every reply waits for the silence.
     realtime_speculate: bool = True

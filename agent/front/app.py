@@ -26,6 +26,8 @@ from agent.front.openapi import openapi
 from agent.front.realtime_secrets import ROUTES as REALTIME_SECRET_ROUTES
 from agent.front.speech import create_speech
 from agent.front.transcriptions import create_transcription
+from agent.front.widget import ROUTES as WIDGET_ROUTES
+from agent.front.widget import check_demo_mode
 from agent.model_ids import listed_models
 from agent.phone.media import twilio_media
 from agent.phone.webhook import twilio_voice
@@ -107,6 +109,7 @@ async def list_models(request: Request) -> JSONResponse:
 
 def create_app(settings: Settings) -> Starlette:
     settings = with_api_keys(settings)
+    check_demo_mode(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -136,6 +139,7 @@ def create_app(settings: Settings) -> Starlette:
         WebSocketRoute("/v1/realtime", realtime_endpoint),
         Route("/twilio/voice", twilio_voice, methods=["POST"]),
         WebSocketRoute("/twilio/media", twilio_media),
+        *WIDGET_ROUTES,
     ]
     return Starlette(
         routes=routes,

@@ -16,8 +16,11 @@ from agent.api_keys import bearer_token, key_is_valid
 from agent.config import Settings
 from agent.errors import error_object
 
-# /twilio/voice proves itself with Twilio's signature instead (agent.phone.webhook).
+# /twilio/voice proves itself with Twilio's signature instead (agent.phone.webhook); the
+# widget's script and demo page are public, and its demo secrets guard themselves
+# (agent.front.widget).
 OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/twilio/voice"})
+OPEN_PREFIXES = ("/static/", "/widget")
 
 
 class APIKeyMiddleware:
@@ -27,7 +30,7 @@ class APIKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] != "http" or self.settings.auth_disabled
-                or scope["path"] in OPEN_PATHS or scope["path"].startswith("/static/")):
+                or scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES)):
             await self.app(scope, receive, send)
             return
         token = bearer_token(scope["headers"])
