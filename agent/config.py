@@ -36,6 +36,7 @@ class Settings:
     api_keys: tuple[str, ...] = ()
     auth_disabled: bool = False
     log_level: str = "info"
+    log_format: str = "text"            # text | json (one object per line, agent/logs.py)
 
     # Where assembled models, NF4 weight caches and the embedded store live
     cache_dir: Path = field(default_factory=_default_cache_dir)
@@ -120,6 +121,10 @@ class Settings:
     # Per called number ("+15551234567"), any of instructions, voice and greeting:
     # [twilio.numbers."+15551234567"] in the TOML file.
     twilio_numbers: dict[str, dict[str, str]] = field(default_factory=dict)
+    # On SIGTERM (agent.lifecycle): how long in-flight requests and the responses of live
+    # sessions get before the process exits. Kubernetes' terminationGracePeriodSeconds
+    # must cover it (deploy/k8s).
+    shutdown_grace_s: float = 25.0
     # The browser widget's demo page (GET /widget/) mints client secrets without a key:
     # auto = only on a loopback connection that no proxy forwarded | on | off
     widget_demo: str = "auto"

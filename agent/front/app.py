@@ -28,6 +28,8 @@ from agent.front.speech import create_speech
 from agent.front.transcriptions import create_transcription
 from agent.front.widget import ROUTES as WIDGET_ROUTES
 from agent.front.widget import check_demo_mode
+from agent.lifecycle import DrainMiddleware, Lifecycle
+from agent.logs import RequestIdMiddleware
 from agent.model_ids import listed_models
 from agent.phone.media import twilio_media
 from agent.phone.webhook import twilio_voice
@@ -54,6 +56,13 @@ async def healthz(request: Request) -> JSONResponse:
         "decoder": request.app.state.runtime.decoder_stats(),
     }
     return JSONResponse(body, status_code=200 if store_ok else 503)
+
+
+async def readyz(request: Request) -> JSONResponse:
+    """The readiness probe: 503 from the moment a drain begins (agent.lifecycle)."""
+    if request.app.state.lifecycle.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    return JSONResponse({"status": "ready"})
 
 
 async def metrics_endpoint(request: Request) -> Response:
@@ -129,6 +138,7 @@ def create_app(settings: Settings) -> Starlette:
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
@@ -141,10 +151,15 @@ def create_app(settings: Settings) -> Starlette:
         WebSocketRoute("/twilio/media", twilio_media),
         *WIDGET_ROUTES,
     ]
-    return Starlette(
+    lifecycle = Lifecycle()
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(APIKeyMiddleware, settings=settings)],
+        middleware=[Middleware(RequestIdMiddleware),
+                    Middleware(DrainMiddleware, lifecycle=lifecycle),
+                    Middleware(APIKeyMiddleware, settings=settings)],
         exception_handlers={ParleyError: parley_error, HTTPException: http_error,
                             Exception: server_error},
     )
+    app.state.lifecycle = lifecycle  # the server's SIGTERM handler drains through it
+    return app

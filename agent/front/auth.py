@@ -19,7 +19,7 @@ from agent.errors import error_object
 # /twilio/voice proves itself with Twilio's signature instead (agent.phone.webhook); the
 # widget's script and demo page are public, and its demo secrets guard themselves
 # (agent.front.widget).
-OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/twilio/voice"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/twilio/voice"})
 OPEN_PREFIXES = ("/static/", "/widget")
 
 

@@ -28,9 +28,11 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from agent import logs
 from agent.config import Settings
 from agent.errors import ParleyError
 from agent.json_schema import make_validator, schema
+from agent.lifecycle import CLOSE_RESTART, Lifecycle
 from agent.model_ids import resolve_model
 from agent.phone import tokens
 from agent.phone.playback import MarkLedger
@@ -70,6 +72,9 @@ async def twilio_media(websocket: WebSocket) -> None:
     if not secret:
         await websocket.close(CLOSE_POLICY)  # before accepting: the handshake gets a 403
         return
+    if websocket.app.state.lifecycle.draining:
+        await websocket.close(CLOSE_RESTART)  # a stream that starts now would be cut short
+        return
     await websocket.accept()
     start = await _start_message(websocket)
     if start is None:
@@ -88,8 +93,21 @@ async def twilio_media(websocket: WebSocket) -> None:
         log.error("twilio stream %s: %s", start["streamSid"], exc)
         await websocket.close(1011)
         return
-    await PhoneCall(websocket, runtime, start["streamSid"], details["callSid"],
-                    parameters).run()
+    # A call is not cut short by a drain: it keeps the process until it ends or the
+    # grace period does (Twilio does not reconnect a stream by itself).
+    lifecycle: Lifecycle = websocket.app.state.lifecycle
+    handle = lifecycle.session_opened(_stay_on_the_line)
+    logs.session_id.set(start["streamSid"])
+    logs.conversation_id.set(details["callSid"])    # a call's conversation id is its CallSid
+    try:
+        await PhoneCall(websocket, runtime, start["streamSid"], details["callSid"],
+                        parameters).run()
+    finally:
+        await lifecycle.session_closed(handle)
+
+
+async def _stay_on_the_line(deadline: float) -> None:
+    """A draining server's wind-up for a phone call: nothing; the call goes on."""
 
 
 async def _start_message(websocket: WebSocket) -> dict[str, Any] | None:

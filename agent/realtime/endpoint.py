@@ -16,7 +16,9 @@ import time
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from agent import logs
 from agent.errors import ParleyError
+from agent.lifecycle import CLOSE_RESTART, Lifecycle, shutting_down_message
 from agent.model_ids import resolve_model
 from agent.realtime.conversation import Conversation
 from agent.realtime.credentials import CredentialsError, authenticate_websocket
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "gpt-realtime"
 CLOSE_REQUEST = 4000     # the connection's parameters are wrong
 CLOSE_TIME = 4002        # idle too long, or the session reached its maximum length
+SHUTTING_DOWN = "server_shutting_down"
 
 
 async def realtime_endpoint(websocket: WebSocket) -> None:
@@ -41,6 +44,12 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
         # never see why: accept with theirs, say why, close as OpenAI does.
         await _refuse(websocket, exc, exc.close_code, exc.subprotocol, exc.close_reason)
         return
+    lifecycle: Lifecycle = websocket.app.state.lifecycle
+    if lifecycle.draining:
+        await _refuse(websocket, RealtimeError(shutting_down_message(), code=SHUTTING_DOWN,
+                                               type="server_error"),
+                      CLOSE_RESTART, credentials.subprotocol)
+        return
     try:
         session = await _open_session(websocket, runtime, credentials)
     except (RealtimeError, ParleyError) as exc:
@@ -49,7 +58,12 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
         await _refuse(websocket, error, CLOSE_REQUEST, credentials.subprotocol)
         return
     await websocket.accept(subprotocol=credentials.subprotocol)
+    # Every line logged from here on, in this task and those it starts, names the session.
+    logs.session_id.set(session.id)
+    logs.conversation_id.set(session.conversation.id)
     writer = asyncio.create_task(_write(websocket, session))
+    handle = lifecycle.session_opened(
+        lambda deadline: _wind_up(websocket, session, writer, deadline))
     try:
         await session.start()
         await _read(websocket, session, runtime)
@@ -61,6 +75,22 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await writer
+        await lifecycle.session_closed(handle)
+
+
+async def _wind_up(websocket: WebSocket, session: Session, writer: asyncio.Task[None],
+                   deadline: float) -> None:
+    """The server drains: finish the response in progress, say where to reconnect, let
+    the writer flush, close with 1012. The conversation is in the store already."""
+    await session.wind_up(deadline)
+    conversation_id = session.conversation.id
+    await session.send(RealtimeError(shutting_down_message(conversation_id),
+                                     code=SHUTTING_DOWN, type="server_error").to_event())
+    session.outbox.finish()
+    with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+        await asyncio.wait_for(asyncio.shield(writer), max(deadline - time.monotonic(), 0.1))
+    with contextlib.suppress(Exception):
+        await websocket.close(CLOSE_RESTART, f"reconnect with conversation_id={conversation_id}")
 
 
 async def _open_session(websocket: WebSocket, runtime: Runtime, credentials) -> Session:

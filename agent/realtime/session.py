@@ -66,6 +66,7 @@ from agent.realtime.turns import (
     DropHeld,
     HoldAudio,
     NoActiveResponse,
+    Phase,
     ReleaseAudio,
     Respond,
     ResponseActive,
@@ -160,6 +161,17 @@ class Session:
             await self.send(exc.to_event())
         except ParleyError as exc:
             await self.send(_error_event(exc, event_id))
+
+    async def wind_up(self, deadline: float) -> None:
+        """Let the response in progress, and the follow-up its server tools start, run to
+        their end, but not past `deadline` (time.monotonic()): a draining server closes
+        the session after this."""
+        while self._runs or self.turns.phase is Phase.AWAITING_TOOL:
+            left = deadline - time.monotonic()
+            pending = [task for _, task in self._runs.values()] + list(self._tasks)
+            if left <= 0 or not pending:
+                return
+            await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
 
     async def close(self) -> None:
         """Stop everything the session started; free its decoder cache slot. Bounded: a
@@ -622,6 +634,10 @@ class Session:
     def _finished(self, run: ResponseRun) -> None:
         stages, voice_to_voice = self._turn_latency(run)
         metrics.turn_finished(run.status, stages, voice_to_voice, run.speculative)
+        log.info("response %s %s", run.id, run.status, extra={"fields": {
+            "event": "turn", "response_id": run.id, "status": run.status,
+            "speculative": run.speculative, "voice_to_voice_ms": voice_to_voice,
+            **{f"{stage}_ms": ms for stage, ms in stages.items()}}})
         if self.config.debug_events and run.first_audio_at is not None:
             self._spawn(self.send(server_event(
                 "parley.turn.latency", response_id=run.id,

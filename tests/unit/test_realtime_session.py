@@ -343,3 +343,32 @@ async def test_keypad_input_is_what_the_tools_see_as_the_latest_turn(session_fac
     await session.handle(json.dumps({"type": "conversation.item.create", "item": {
         "type": "message", "role": "user", "content": [{"type": "input_text", "text": "ok"}]}}))
     assert session._call_context().keypad is None
+
+
+async def test_wind_up_lets_the_answer_in_progress_finish(session_factory) -> None:
+    """What a draining server waits for: the response running now, to its end."""
+    import time
+
+    session, _ = session_factory(Talker(pieces=30))
+    await session.start()
+    await session.handle(json.dumps({"type": "response.create"}))
+    seen: list[dict[str, Any]] = []
+    reader = asyncio.ensure_future(read_until(session, "response.done", seen))
+    await asyncio.wait_for(session.wind_up(time.monotonic() + 5), 2)
+    assert not session._runs
+    done = await asyncio.wait_for(reader, 2)
+    assert done["response"]["status"] == "completed"
+    assert types(seen).count("response.output_audio.delta") == 30
+
+
+async def test_wind_up_gives_up_at_its_deadline(session_factory) -> None:
+    import time
+
+    session, _ = session_factory(Talker(pieces=None))   # an answer that never ends
+    await session.start()
+    await session.handle(json.dumps({"type": "response.create"}))
+    drain = asyncio.ensure_future(read_all(session))
+    started = time.monotonic()
+    await asyncio.wait_for(session.wind_up(started + 0.05), 2)
+    assert time.monotonic() - started < 1 and session._runs   # still running: closed next
+    drain.cancel()
