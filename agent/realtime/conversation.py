@@ -5,14 +5,23 @@ never inside an item here: the bytes of a user turn or an assistant reply are st
 item id beside the item (with a TTL), and `conversation.item.retrieve` adds them back.
 Every change is written through at once, so a client that reconnects to any replica with
 the conversation id finds everything that happened up to the moment the link broke.
+
+While the store is unreachable (Redis restarting), changes wait here instead of failing
+the session: the conversation goes on in memory, `on_unsaved` tells the session to keep
+trying (`flush`), and everything is written through once the store answers again.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
+from agent.errors import StoreUnavailableError
 from agent.realtime.protocol import RealtimeError
 from agent.state.store import Store
+
+log = logging.getLogger(__name__)
 
 STATE_KIND = "rt_conversation"
 AUDIO_KIND = "rt_audio"
@@ -25,6 +34,9 @@ class Conversation:
         self.ttl_s = ttl_s
         self.items: list[dict[str, Any]] = []
         self.session: dict[str, Any] | None = None  # the GA session object, for resuming
+        self.on_unsaved: Callable[[], None] | None = None
+        self._state_unsaved = False
+        self._audio_unsaved: dict[str, bytes] = {}
 
     # -- persistence ----------------------------------------------------------------------
 
@@ -41,14 +53,45 @@ class Conversation:
         return conversation
 
     async def save(self) -> None:
-        await self.store.put_json(STATE_KIND, self.id,
-                                  {"items": self.items, "session": self.session},
-                                  ttl_s=self.ttl_s)
+        self._state_unsaved = True
+        await self.flush()
 
     async def save_audio(self, item_id: str, audio: bytes) -> None:
-        await self.store.put_blob(AUDIO_KIND, item_id, audio, ttl_s=self.ttl_s)
+        self._audio_unsaved[item_id] = audio
+        await self.flush()
+
+    @property
+    def unsaved(self) -> bool:
+        return self._state_unsaved or bool(self._audio_unsaved)
+
+    async def flush(self) -> bool:
+        """Write what the store does not have yet; True when it has everything. With the
+        store down, the changes stay here and `on_unsaved` is called."""
+        try:
+            for item_id, audio in list(self._audio_unsaved.items()):
+                await self.store.put_blob(AUDIO_KIND, item_id, audio, ttl_s=self.ttl_s)
+                if self._audio_unsaved.get(item_id) is audio:  # not replaced meanwhile
+                    del self._audio_unsaved[item_id]
+            if self._state_unsaved:
+                self._state_unsaved = False
+                try:
+                    await self.store.put_json(STATE_KIND, self.id,
+                                              {"items": self.items, "session": self.session},
+                                              ttl_s=self.ttl_s)
+                except StoreUnavailableError:
+                    self._state_unsaved = True
+                    raise
+        except StoreUnavailableError as exc:
+            log.warning("conversation %s kept in memory until the store answers: %s",
+                        self.id, exc.message)
+            if self.on_unsaved is not None:
+                self.on_unsaved()
+            return False
+        return True
 
     async def audio(self, item_id: str) -> bytes | None:
+        if item_id in self._audio_unsaved:
+            return self._audio_unsaved[item_id]
         return await self.store.get_blob(AUDIO_KIND, item_id)
 
     # -- items ----------------------------------------------------------------------------

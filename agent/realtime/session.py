@@ -82,6 +82,9 @@ log = logging.getLogger(__name__)
 MIN_COMMIT_MS = 100  # OpenAI's smallest committable buffer
 SPECULATION_WAIT_S = 2.0  # a held reply that has not decided by then is not waited for
 CLOSE_WAIT_S = 10.0  # the most closing waits for the session's tasks to stop
+# While the store is down, the conversation is written through again after this, doubling.
+WRITE_THROUGH_FIRST_S = 0.25
+WRITE_THROUGH_MAX_S = 5.0
 
 
 class Session:
@@ -120,6 +123,8 @@ class Session:
         self._before_responses: set[asyncio.Future] = set()
         self._turn_times: dict[str, float] = {}
         self._closed = False
+        self._writing_through: asyncio.Future | None = None
+        conversation.on_unsaved = self._write_through_later
 
     def _policy(self) -> TurnPolicy:
         turn = self.config.turn_detection
@@ -162,6 +167,22 @@ class Session:
         except ParleyError as exc:
             await self.send(_error_event(exc, event_id))
 
+    def _write_through_later(self) -> None:
+        """The store is down: keep trying until the conversation is in it again."""
+        if self._writing_through is None and not self._closed:
+            self._writing_through = self._spawn(self._write_through())
+
+    async def _write_through(self) -> None:
+        wait = WRITE_THROUGH_FIRST_S
+        try:
+            while not await self.conversation.flush():
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, WRITE_THROUGH_MAX_S)
+            log.warning("conversation %s written through to the store again",
+                        self.conversation.id)
+        finally:
+            self._writing_through = None
+
     async def wind_up(self, deadline: float) -> None:
         """Let the response in progress, and the follow-up its server tools start, run to
         their end, but not past `deadline` (time.monotonic()): a draining server closes
@@ -192,6 +213,12 @@ class Session:
                 log.error("realtime session %s: %d tasks did not stop on close", self.id,
                           len(stuck))
         await self.input.aclose()
+        if self.conversation.unsaved:  # a last try: the client may resume elsewhere
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.conversation.flush(), CLOSE_WAIT_S)
+            if self.conversation.unsaved:
+                log.error("realtime session %s closed with changes the store never got",
+                          self.id)
         with contextlib.suppress(Exception):
             scheduler = await self.runtime.scheduler(self.served.target)
             await scheduler.release(self.decoder_session)

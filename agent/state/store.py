@@ -5,7 +5,9 @@ process owns: its own folder under the cache folder, one per server port
 (`state/port-8000/`), so two servers on one machine never share, and so never stop, each
 other's store; a restarted server finds its own data again. Replicas that must share
 conversations point `REDIS_URL` / `PARLEY_REDIS_URL` at one real server. Either way the
-code talks to it through `redis.asyncio`.
+code talks to it through `redis.asyncio`. A URL of the form
+`redis+sentinel://[:password@]host:port[,host:port…]/master-name[/db]` asks Redis Sentinel
+for the master (redis-py's Sentinel client), and follows it when Sentinel fails over.
 
 The store stays up: when a command finds the embedded server gone, the server is started
 again on the same files and the command retried once; when the store cannot be reached
@@ -109,6 +111,9 @@ class Store:
 
     @classmethod
     async def open(cls, settings: Settings) -> Store:
+        if settings.redis_url.startswith(SENTINEL_SCHEME):
+            return cls(sentinel_client(settings.redis_url),
+                       where=_without_password(settings.redis_url))
         if settings.redis_url:
             return cls(aioredis.from_url(settings.redis_url),
                        where=_without_password(settings.redis_url))
@@ -209,6 +214,35 @@ class Store:
         """Set a marker only if absent: True for the first caller, False for everyone after."""
         return bool(await self._do(
             lambda c: c.set(self.key(kind, ident), b"1", nx=True, px=_ms(ttl_s))))
+
+
+SENTINEL_SCHEME = "redis+sentinel://"
+
+
+def sentinel_client(url: str) -> aioredis.Redis:
+    """The master's client for `redis+sentinel://[:password@]h1:p1,h2:p2/master[/db]`;
+    the password, where given, is the master's and the sentinels'."""
+    from redis.asyncio.sentinel import Sentinel
+
+    rest = url[len(SENTINEL_SCHEME):]
+    password = None
+    if "@" in rest:
+        credentials, rest = rest.rsplit("@", 1)
+        password = credentials.split(":", 1)[-1] or None
+    hosts, _, path = rest.partition("/")
+    parts = [p for p in path.split("/") if p]
+    if not hosts or not parts:
+        from agent.errors import ConfigError
+
+        raise ConfigError("a Sentinel URL names its sentinels and the master: "
+                          "redis+sentinel://host:26379[,host:26379]/master-name[/db]")
+    sentinels = []
+    for host in hosts.split(","):
+        name, _, port = host.rpartition(":")
+        sentinels.append((name or host, int(port) if port else 26379))
+    db = int(parts[1]) if len(parts) > 1 else 0
+    sentinel = Sentinel(sentinels, sentinel_kwargs={"password": password} if password else {})
+    return sentinel.master_for(parts[0], db=db, password=password)
 
 
 def _without_password(url: str) -> str:
