@@ -121,6 +121,10 @@ class Settings:
     # Per called number ("+15551234567"), any of instructions, voice and greeting:
     # [twilio.numbers."+15551234567"] in the TOML file.
     twilio_numbers: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Per API key, shared by every replica through the store (agent/limits.py); 0 is off:
+    # API requests per minute (a token bucket), and realtime sessions open at once.
+    rate_limit_requests_per_minute: int = 0
+    rate_limit_sessions: int = 0
     # On SIGTERM (agent.lifecycle): how long in-flight requests and the responses of live
     # sessions get before the process exits. Kubernetes' terminationGracePeriodSeconds
     # must cover it (deploy/k8s).

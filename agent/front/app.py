@@ -29,6 +29,7 @@ from agent.front.transcriptions import create_transcription
 from agent.front.widget import ROUTES as WIDGET_ROUTES
 from agent.front.widget import check_demo_mode
 from agent.lifecycle import DrainMiddleware, Lifecycle
+from agent.limits import Limits
 from agent.logs import RequestIdMiddleware
 from agent.model_ids import listed_models
 from agent.phone.media import twilio_media
@@ -126,6 +127,7 @@ def create_app(settings: Settings) -> Starlette:
         # Fail at start, in one line, if a default model is missing, not on the first request.
         app.state.models = await asyncio.to_thread(check_models, settings)
         app.state.store = await Store.open(settings)
+        app.state.limits = Limits(app.state.store, settings)
         app.state.runtime = Runtime(settings, app.state.store)
         warming = asyncio.create_task(app.state.runtime.warm()) if settings.warm_start else None
         try:

@@ -19,10 +19,16 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from agent import logs
 from agent.errors import ParleyError
 from agent.lifecycle import CLOSE_RESTART, Lifecycle, shutting_down_message
+from agent.limits import SESSION_RENEW_S, Limits
 from agent.model_ids import resolve_model
 from agent.realtime.conversation import Conversation
-from agent.realtime.credentials import CredentialsError, authenticate_websocket
-from agent.realtime.protocol import RealtimeError, new_conversation_id, server_event
+from agent.realtime.credentials import Credentials, CredentialsError, authenticate_websocket
+from agent.realtime.protocol import (
+    RealtimeError,
+    new_conversation_id,
+    new_session_id,
+    server_event,
+)
 from agent.realtime.session import Session
 from agent.realtime.session_config import apply_update, default_session
 from agent.runtime import Runtime
@@ -31,6 +37,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "gpt-realtime"
 CLOSE_REQUEST = 4000     # the connection's parameters are wrong
 CLOSE_TIME = 4002        # idle too long, or the session reached its maximum length
+CLOSE_POLICY = 1008      # a limit of the API key: too many sessions open
 SHUTTING_DOWN = "server_shutting_down"
 
 
@@ -50,6 +57,34 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
                                                type="server_error"),
                       CLOSE_RESTART, credentials.subprotocol)
         return
+    limits: Limits = websocket.app.state.limits
+    claim = new_session_id()
+    slot = await limits.open_session(credentials.key_id, claim)
+    if slot is not None and not slot.allowed:
+        await _refuse(websocket, RealtimeError(
+            f"Rate limit reached for realtime sessions on this API key: {slot.limit} open at "
+            "once. Close one, or try again later.", code="rate_limit_exceeded",
+            type="requests"), CLOSE_POLICY, credentials.subprotocol)
+        return
+    keeper = asyncio.create_task(_keep_claim(limits, credentials.key_id, claim)) \
+        if slot is not None else None
+    try:
+        await _serve_session(websocket, runtime, credentials, lifecycle)
+    finally:
+        if keeper is not None:
+            keeper.cancel()
+            await limits.close_session(credentials.key_id, claim)
+
+
+async def _keep_claim(limits: Limits, key_id: str, claim: str) -> None:
+    """Renew the session's slot while it lives; a replica that dies lets it lapse."""
+    while True:
+        await asyncio.sleep(SESSION_RENEW_S)
+        await limits.renew_session(key_id, claim)
+
+
+async def _serve_session(websocket: WebSocket, runtime: Runtime, credentials: Credentials,
+                         lifecycle: Lifecycle) -> None:
     try:
         session = await _open_session(websocket, runtime, credentials)
     except (RealtimeError, ParleyError) as exc:

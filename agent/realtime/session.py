@@ -27,7 +27,9 @@ from agent.audio.vad import SpeechPaused, SpeechStarted, SpeechStopped, VadEvent
 from agent.chat.server_tools import MAX_TOOL_ROUNDS
 from agent.dispatch import CallContext, call_from_item, function_call_output_item
 from agent.dispatch.confirmation import confirmed_in_chat
+from agent.dispatch.types import key_fingerprint
 from agent.errors import ParleyError, client_error
+from agent.limits import Limits
 from agent.model_ids import resolve_model
 from agent.realtime.conversation import Conversation, truncate_transcript
 from agent.realtime.engines import FrameScorer, Playback, Replies, ToolRunner, Transcriber
@@ -601,7 +603,7 @@ class Session:
                                                    audio_ms=audio_ms),
             conversation=self.conversation,
             replies=lambda: self._reply_events(run.config),
-            rate_limits=self.rate_limits(),
+            rate_limits=await self.rate_limits(),
             sent_audio_ms=lambda: self.outbox.sent_audio_ms(generation),
             on_first_audio=lambda: self._first_audio(generation))
         try:
@@ -672,11 +674,15 @@ class Session:
                 voice_to_voice_ms=voice_to_voice, speculative=run.speculative),
                 generation=run.generation))
 
-    def rate_limits(self) -> list[dict[str, Any]]:
-        """Parley meters nothing per key: report the session's own ceilings."""
-        return [{"name": "requests", "limit": 1000, "remaining": 1000, "reset_seconds": 60},
-                {"name": "tokens", "limit": self.settings.max_output_tokens * 100,
-                 "remaining": self.settings.max_output_tokens * 100, "reset_seconds": 60}]
+    async def rate_limits(self) -> list[dict[str, Any]]:
+        """What is left of the key's request limit now, as every replica counts it
+        (agent.limits); empty where the server sets none. (OpenAI's event names only
+        requests and tokens: the session limit is not reported here.)"""
+        if self.settings.rate_limit_requests_per_minute <= 0:
+            return []
+        limits = Limits(self.runtime.store, self.settings)
+        left = await limits.requests_left(key_fingerprint(self.api_key))
+        return [] if left is None else [left.rate_limit("requests")]
 
     # -- tools --------------------------------------------------------------------------------
 

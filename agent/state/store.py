@@ -210,6 +210,13 @@ class Store:
     async def delete(self, kind: str, ident: str) -> bool:
         return bool(await self._do(lambda c: c.delete(self.key(kind, ident))))
 
+    async def eval(self, script: str, keys: list[str], args: list[str | int | float]) -> Any:
+        """Run a Lua `script` atomically on the server (agent.limits)."""
+        return await self._do(lambda c: c.eval(script, len(keys), *keys, *args))
+
+    async def zrem(self, kind: str, ident: str, member: str) -> None:
+        await self._do(lambda c: c.zrem(self.key(kind, ident), member))
+
     async def claim(self, kind: str, ident: str, ttl_s: float | None = None) -> bool:
         """Set a marker only if absent: True for the first caller, False for everyone after."""
         return bool(await self._do(
