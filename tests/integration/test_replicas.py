@@ -23,6 +23,7 @@ from tests.server_process import Server, start
 pytestmark = pytest.mark.slow
 
 KEY = "sk-replicas"
+TWILIO_TOKEN = "replicas-twilio-token"
 QUESTION_WAV = Path(__file__).parents[1] / "fixtures" / "question_capital_of_france.wav"
 GRACE_S = 20
 
@@ -40,13 +41,18 @@ def _replica(redis_url: str, tools: Path) -> Server:
     return start({"PARLEY_API_KEYS": KEY, "PARLEY_REDIS_URL": redis_url,
                   "PARLEY_TTS_VARIATION": "false", "PARLEY_LOG_LEVEL": "info",
                   "PARLEY_LOG_FORMAT": "json", "PARLEY_SHUTDOWN_GRACE_S": str(GRACE_S),
-                  "PARLEY_TOOLS_DATA_DIR": str(tools)}, timeout_s=300, warm=True)
+                  "PARLEY_TOOLS_DATA_DIR": str(tools), "PARLEY_TWILIO_AUTH_TOKEN": TWILIO_TOKEN},
+                 timeout_s=300, warm=True)
 
 
 @pytest.fixture(scope="module")
-def replicas(redis_url, tmp_path_factory):
-    tools = tmp_path_factory.mktemp("tools")
-    servers = [_replica(redis_url, tools), _replica(redis_url, tools)]
+def tools_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tools")
+
+
+@pytest.fixture(scope="module")
+def replicas(redis_url, tools_dir):
+    servers = [_replica(redis_url, tools_dir), _replica(redis_url, tools_dir)]
     yield servers
     for server in servers:
         if server.process.poll() is None:
@@ -156,6 +162,45 @@ async def test_a_killed_replica_loses_nothing(replicas):
         {"role": "assistant", "audio": {"id": audio_id}},
         {"role": "user", "content": "Again, please."}])
     assert again.status_code == 200, again.text
+
+
+async def test_a_phone_call_carries_on_where_twilio_retries(replicas, redis_url, tools_dir):
+    """The replica bridging a call dies; Twilio calls the webhook again (here: the other
+    replica, as a load balancer would send it) and streams the same CallSid there. The
+    conversation goes on with what the caller said before."""
+    import redis as sync_redis
+
+    from agent.bench.twilio_phone import Phone
+
+    doomed = _replica(redis_url, tools_dir)
+    phone = Phone(doomed.base, sign_with=TWILIO_TOKEN)
+    try:
+        await phone.call_in()
+        for digit in "42#":
+            await phone.press(digit)
+        await phone.wait_for_audio(0, timeout=90)      # the answer to the keypad turn
+        doomed.process.send_signal(signal.SIGKILL)
+        doomed.process.wait(10)
+        await phone.close()
+
+        phone.base, phone.ws = replicas[1].base, None
+        phone.stream = "MZ" + phone.stream[2:][::-1]   # a new stream for the same call
+        await phone.call_in()
+        pressed = time.monotonic()
+        for digit in "7#":
+            await phone.press(digit)
+        await phone.wait_for_audio(pressed, timeout=90)
+    finally:
+        await phone.close()
+        if doomed.process.poll() is None:
+            doomed.process.kill()
+    store = sync_redis.Redis(unix_socket_path=redis_url.removeprefix("unix://"))
+    state = json.loads(store.get(f"parley:rt_conversation:{phone.call}"))
+    said = [part.get("text") for item in state["items"] if item.get("role") == "user"
+            for part in item["content"]]
+    assert said == ["DTMF: 42", "DTMF: 7"], said
+    roles = [item.get("role") for item in state["items"] if item["type"] == "message"]
+    assert roles.count("assistant") >= 2, roles
 
 
 async def test_sigterm_drains(replicas):
