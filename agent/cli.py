@@ -118,6 +118,10 @@ def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         from agent.bench.phone import bench_phone
 
         return bench_phone(settings, args)
+    if args.what == "load":
+        from agent.bench.load import bench_load
+
+        return bench_load(settings, args)
     if args.what == "widget":
         from agent.bench.widget import bench_widget
 
@@ -173,12 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks whose tables go in the README")
     p.add_argument("what", choices=["speech", "decoder", "kernels", "gpu", "chat", "tools",
-                                      "realtime", "quality", "phone", "widget"])
+                                      "realtime", "quality", "phone", "widget", "load"])
     p.add_argument("--model", help="decoder, tools, quality: model name or .gguf path")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--backend", default=None,
                    help="realtime: the server's decoder backend (default: llm_backend setting)")
     p.add_argument("--verbose", action="store_true", help="quality: print every reply")
+    p.add_argument("--minutes", type=float, default=None, help="load: how long (default 5)")
+    p.add_argument("--sessions", type=int, default=None,
+                   help="load: realtime callers at once (default 4)")
+    p.add_argument("--chat-rps", type=float, default=None,
+                   help="load: chat requests per second (default 0.5)")
+    p.add_argument("--plot", type=Path, default=None, help="load: draw the run into this PNG")
     p.add_argument("--screenshots", type=Path, default=None,
                    help="widget: save the widget in each of its states to this folder")
     p.set_defaults(func=_cmd_bench)

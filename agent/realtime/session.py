@@ -147,6 +147,8 @@ class Session:
             self.conversation.session = self._session_object()
             await self.conversation.save()
         self._prefill()
+        if self.dispatcher is not None and (unanswered := self._unanswered_server_calls()):
+            self._spawn(self._finish_unanswered_calls(unanswered))
 
     async def send(self, event: dict[str, Any], *, generation: int | None = None,
                    audio_ms: int = 0) -> None:
@@ -720,21 +722,44 @@ class Session:
         """Run response `generation`'s server-side calls and add their outputs (sent after
         that response's events); the turn state decides whether a follow-up answers them.
         A call that started runs to the end and is recorded even if the user interrupts."""
-        assert self.dispatcher is not None
-        context = self._call_context()
         try:
-            results = await asyncio.gather(*(
-                self.dispatcher.execute(call_from_item(c), context) for c in calls))
-            for result in results:
-                item = {"id": new_item_id(), "object": "realtime.item", "status": "completed",
-                        **function_call_output_item(result)}
-                previous = await self.conversation.add(item)
-                for kind in ("conversation.item.added", "conversation.item.done"):
-                    await self.send(server_event(kind, previous_item_id=previous, item=item),
-                                    generation=generation)
+            await self._execute_calls(calls, generation)
         finally:
             actions = self.turns.tools_done()
         await self._act(actions)
+
+    async def _execute_calls(self, calls: list[dict[str, Any]], generation: int | None
+                             ) -> None:
+        assert self.dispatcher is not None
+        context = self._call_context()
+        results = await asyncio.gather(*(
+            self.dispatcher.execute(call_from_item(c), context) for c in calls))
+        for result in results:
+            item = {"id": new_item_id(), "object": "realtime.item", "status": "completed",
+                    **function_call_output_item(result)}
+            previous = await self.conversation.add(item)
+            for kind in ("conversation.item.added", "conversation.item.done"):
+                await self.send(server_event(kind, previous_item_id=previous, item=item),
+                                generation=generation)
+
+    def _unanswered_server_calls(self) -> list[dict[str, Any]]:
+        """Server-side calls in the conversation without an output: a replica that ran them
+        died before it could add one."""
+        answered = {i.get("call_id") for i in self.conversation.items
+                    if i.get("type") == "function_call_output"}
+        names = self.server_tool_names()
+        return [i for i in self.conversation.items if i.get("type") == "function_call"
+                and i.get("call_id") not in answered and i.get("name") in names]
+
+    async def _finish_unanswered_calls(self, calls: list[dict[str, Any]]) -> None:
+        """Carry on a resumed conversation's unanswered server calls. The call records
+        decide, whichever replica asks: a finished call gives its recorded result, one
+        still running is waited for (and reported in doubt if its runner died), and one
+        that never started runs now — none runs twice. The outputs join the conversation;
+        the client asks for the answer as usual."""
+        log.warning("conversation %s resumed with %d unanswered server tool call(s): %s",
+                    self.conversation.id, len(calls), [c.get("call_id") for c in calls])
+        await self._execute_calls(calls, None)
 
     def _follow_up_params(self) -> dict[str, Any] | None:
         """The response that answers from server tool results, as chat's server tools

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import signal
 import time
@@ -26,6 +27,10 @@ KEY = "sk-replicas"
 TWILIO_TOKEN = "replicas-twilio-token"
 QUESTION_WAV = Path(__file__).parents[1] / "fixtures" / "question_capital_of_france.wav"
 GRACE_S = 20
+WEBHOOK_TIMEOUT_S = 6
+# TOML's inline table for the webhook's JSON Schema (one line, as TOML wants it)
+PARAMETERS = ('{ type = "object", properties = { order_number = { type = "string" } }, '
+              'required = ["order_number"], additionalProperties = false }')
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +46,76 @@ def _replica(redis_url: str, tools: Path) -> Server:
     return start({"PARLEY_API_KEYS": KEY, "PARLEY_REDIS_URL": redis_url,
                   "PARLEY_TTS_VARIATION": "false", "PARLEY_LOG_LEVEL": "info",
                   "PARLEY_LOG_FORMAT": "json", "PARLEY_SHUTDOWN_GRACE_S": str(GRACE_S),
-                  "PARLEY_TOOLS_DATA_DIR": str(tools), "PARLEY_TWILIO_AUTH_TOKEN": TWILIO_TOKEN},
+                  "PARLEY_TOOLS_CONFIG": str(tools / "tools.toml"),
+                  "PARLEY_TWILIO_AUTH_TOKEN": TWILIO_TOKEN},
                  timeout_s=300, warm=True)
 
 
+class HeldWebhook:
+    """An operator's webhook tool that takes its time: it counts each call (by its
+    Idempotency-Key) and answers none until the test is over."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.calls: dict[str, int] = {}
+        self.called = threading.Event()
+        self.release = threading.Event()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                key = self.headers.get("Idempotency-Key", "")
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                owner.calls[key] = owner.calls.get(key, 0) + 1
+                owner.called.set()
+                owner.release.wait(120)
+                body = b'{"status": "shipped"}'
+                with contextlib.suppress(OSError):   # the caller may be long gone
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/order-status"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+
+
 @pytest.fixture(scope="module")
-def tools_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tools")
+def webhook():
+    hook = HeldWebhook()
+    yield hook
+    hook.close()
+
+
+@pytest.fixture(scope="module")
+def tools_dir(tmp_path_factory, webhook):
+    folder = tmp_path_factory.mktemp("tools")
+    # Only the webhook tool: a required tool call can only be this one.
+    (folder / "tools.toml").write_text(f"""
+[tools]
+enabled = []
+data_dir = "{folder}"
+
+[[tools.webhooks]]
+name = "order_status"
+description = "Look up an online order's status by its order number."
+url = "{webhook.url}"
+parameters = {PARAMETERS}
+timeout_s = {WEBHOOK_TIMEOUT_S}
+side_effect = "read_only"
+""")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +269,44 @@ async def test_a_phone_call_carries_on_where_twilio_retries(replicas, redis_url,
     assert said == ["DTMF: 42", "DTMF: 7"], said
     roles = [item.get("role") for item in state["items"] if item["type"] == "message"]
     assert roles.count("assistant") >= 2, roles
+
+
+async def test_a_tool_call_in_flight_on_a_dead_replica_never_runs_twice(
+        replicas, redis_url, tools_dir, webhook):
+    """The replica running a server tool call dies mid-call. The conversation resumed on
+    the other finds the call unanswered and asks the call records: the call is still
+    claimed, so it waits for it and, when the claim lapses without a result, reports it
+    in doubt. The webhook is called once."""
+    doomed = _replica(redis_url, tools_dir)
+    ws = await _connect(doomed.base)
+    conversation = (await _until(ws, "conversation.created"))["conversation"]["id"]
+    await _send(ws, type="session.update", session={
+        "type": "realtime", "output_modalities": ["text"], "tool_choice": "required",
+        "parley": {"server_tools": True}})
+    await _until(ws, "session.updated")
+    await _send(ws, type="conversation.item.create", item={
+        "type": "message", "role": "user",
+        "content": [{"type": "input_text", "text": "Where is my order 12345?"}]})
+    await _send(ws, type="response.create")
+    done = await _until(ws, "response.done")
+    [call] = [o for o in done["response"]["output"] if o["type"] == "function_call"]
+    assert call["name"] == "order_status"
+    assert await asyncio.to_thread(webhook.called.wait, 60)   # the call is running now
+    doomed.process.send_signal(signal.SIGKILL)
+    doomed.process.wait(10)
+
+    resumed = await _connect(replicas[1].base, conversation_id=conversation)
+    async with asyncio.timeout(WEBHOOK_TIMEOUT_S + 60):
+        while True:
+            event = json.loads(await resumed.recv())
+            if event["type"] == "conversation.item.done" and \
+                    event["item"]["type"] == "function_call_output":
+                break
+    output = event["item"]
+    assert output["call_id"] == call["call_id"]
+    assert "in_doubt" in output["output"] or "unknown" in output["output"], output
+    assert webhook.calls == {call["call_id"]: 1}
+    await resumed.close()
 
 
 async def test_sigterm_drains(replicas):
