@@ -85,6 +85,15 @@ def _cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
     return generate_command(settings, args)
 
 
+def _cmd_key_hash(settings: Settings, args: argparse.Namespace) -> int:
+    """The `hash` value of a [keys.<name>] table for this key."""
+    from agent.api_keys import HASHED, key_digest
+
+    key = args.key if args.key != "-" else sys.stdin.readline().strip()
+    print(HASHED + key_digest(key))
+    return 0
+
+
 def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.what == "speech":
         from agent.bench.speech import bench_speech
@@ -174,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto, cpu, triton, reference, fp32 (default: llm_backend setting)")
     p.add_argument("--raw", action="store_true", help="no chat template")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("key-hash", help="print a key's hash for a [keys.<name>] table")
+    p.add_argument("key", help="the API key, or - to read it from stdin (keeps it out of "
+                               "the shell history)")
+    p.set_defaults(func=_cmd_key_hash)
 
     p = sub.add_parser("bench", help="benchmarks whose tables go in the README")
     p.add_argument("what", choices=["speech", "decoder", "kernels", "gpu", "chat", "tools",

@@ -34,6 +34,10 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = ()
+    # Keys kept as their SHA-256, each with its scopes: [keys.<name>] in the TOML file
+    # (hash, endpoints, tools, requests_per_minute, max_sessions, execute_tools; see
+    # agent/api_keys.py). `parley key-hash KEY` prints a key's hash.
+    keys: dict[str, dict[str, object]] = field(default_factory=dict)
     auth_disabled: bool = False
     log_level: str = "info"
     log_format: str = "text"            # text | json (one object per line, agent/logs.py)
@@ -174,6 +178,10 @@ def _coerce(name: str, raw: object, annotation: object) -> object:
                 pairs = [p.split("=", 1) for p in raw.split(",") if p.strip()]
                 return {k.strip(): v.strip() for k, v in pairs}
             return {str(k): str(v) for k, v in dict(raw).items()}  # type: ignore[call-overload]
+        if annotation == dict[str, dict[str, object]]:   # checked where it is read
+            if isinstance(raw, str):
+                raise ValueError(raw)
+            return {str(outer): dict(inner) for outer, inner in dict(raw).items()}  # type: ignore[call-overload]
         if annotation == dict[str, dict[str, str]]:
             return {str(outer): {str(k): str(v) for k, v in dict(inner).items()}
                     for outer, inner in dict(raw).items()}  # type: ignore[call-overload]
@@ -188,7 +196,7 @@ def _flatten(table: dict, prefix: str = "") -> dict[str, object]:
         name = f"{prefix}{key}".replace("-", "_")
         # `voices` is itself a mapping; every other table is a prefix.
         if isinstance(value, dict) and name not in ("voices", "model_aliases",
-                                                    "twilio_numbers"):
+                                                    "twilio_numbers", "keys"):
             flat.update(_flatten(value, f"{name}_"))
         else:
             flat[name] = value

@@ -92,10 +92,10 @@ class Limits:
         self.requests_per_minute = settings.rate_limit_requests_per_minute
         self.sessions = settings.rate_limit_sessions
 
-    async def _bucket(self, key_id: str, take: bool) -> Verdict | None:
-        if self.requests_per_minute <= 0:
+    async def _bucket(self, key_id: str, take: bool, limit: int | None) -> Verdict | None:
+        capacity = self.requests_per_minute if limit is None else limit
+        if capacity <= 0:
             return None
-        capacity = self.requests_per_minute
         rate = capacity / 60.0
         try:
             allowed, tokens, wait = await self.store.eval(
@@ -108,38 +108,41 @@ class Limits:
         return Verdict(bool(int(allowed)), capacity, max(0, math.floor(left)), float(wait),
                        (capacity - left) / rate)
 
-    async def take_request(self, key_id: str) -> Verdict | None:
-        """One request by `key_id`: whether it may go ahead; None when unlimited."""
-        return await self._bucket(key_id, take=True)
+    async def take_request(self, key_id: str, limit: int | None = None) -> Verdict | None:
+        """One request by `key_id`: whether it may go ahead; None when unlimited. `limit`:
+        the key's own requests per minute, over the server's."""
+        return await self._bucket(key_id, True, limit)
 
-    async def requests_left(self, key_id: str) -> Verdict | None:
-        return await self._bucket(key_id, take=False)
+    async def requests_left(self, key_id: str, limit: int | None = None) -> Verdict | None:
+        return await self._bucket(key_id, False, limit)
 
-    async def _sessions(self, key_id: str, session_id: str, mode: str) -> Verdict | None:
-        if self.sessions <= 0:
+    async def _sessions(self, key_id: str, session_id: str, mode: str,
+                        limit: int | None) -> Verdict | None:
+        most = self.sessions if limit is None else limit
+        if most <= 0:
             return None
         try:
             allowed, count = await self.store.eval(
                 _SESSIONS, [self.store.key("limit_sessions", key_id)],
-                [self.sessions, session_id, SESSION_CLAIM_S, mode])
+                [most, session_id, SESSION_CLAIM_S, mode])
         except StoreUnavailableError as exc:
             log.warning("session limit not checked (%s): %s", key_id, exc.message)
             return None
-        return Verdict(bool(int(allowed)), self.sessions, max(0, self.sessions - int(count)),
+        return Verdict(bool(int(allowed)), most, max(0, most - int(count)),
                        0.0 if allowed else float(SESSION_RENEW_S), 0.0)
 
-    async def open_session(self, key_id: str, session_id: str) -> Verdict | None:
+    async def open_session(self, key_id: str, session_id: str,
+                           limit: int | None = None) -> Verdict | None:
         """Claim a session slot for `session_id`; not allowed when the key has them all."""
-        return await self._sessions(key_id, session_id, "open")
+        return await self._sessions(key_id, session_id, "open", limit)
 
-    async def renew_session(self, key_id: str, session_id: str) -> None:
-        await self._sessions(key_id, session_id, "renew")
+    async def renew_session(self, key_id: str, session_id: str,
+                            limit: int | None = None) -> None:
+        await self._sessions(key_id, session_id, "renew", limit)
 
-    async def sessions_left(self, key_id: str) -> Verdict | None:
-        return await self._sessions(key_id, "", "count")
+    async def sessions_left(self, key_id: str, limit: int | None = None) -> Verdict | None:
+        return await self._sessions(key_id, "", "count", limit)
 
     async def close_session(self, key_id: str, session_id: str) -> None:
-        if self.sessions <= 0:
-            return
         with contextlib.suppress(StoreUnavailableError):  # else its claim lapses by itself
             await self.store.zrem("limit_sessions", key_id, session_id)

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from agent.api_keys import executes_tools
 from agent.chat.pipeline import (
     ChoiceDone,
     Event,
@@ -63,7 +64,8 @@ async def server_tools_for(body: dict[str, Any], chat: ChatRequest, runtime: Run
         return None
     dispatcher = await runtime.dispatcher()
     by_key = runtime.tools_config.execute_keys
-    if not asked and not ("*" in by_key or (api_key is not None and api_key in by_key)):
+    if not asked and not ("*" in by_key or (api_key is not None and api_key in by_key)
+                          or executes_tools(api_key, runtime.settings)):
         return None
     if chat.n != 1:
         raise InvalidRequestError("execute_tools runs one conversation; use n=1.",

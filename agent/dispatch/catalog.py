@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+from agent.api_keys import tool_patterns
 from agent.config import Settings
 from agent.dispatch.config import ToolsConfig, load_tools_config
 from agent.dispatch.dispatcher import Dispatcher
@@ -54,7 +55,8 @@ async def open_dispatcher(settings: Settings, store: Store,
         closers.append(client.aclose)
     registry = ToolRegistry(_with_timeouts(specs, config))
     return Dispatcher(registry, store,
-                      ToolPermissions(config.default_allow, dict(config.keys)),
+                      ToolPermissions(config.default_allow,
+                                      {**dict(config.keys), **tool_patterns(settings)}),
                       record_ttl_s=config.record_ttl_s, closers=tuple(closers))
 
 

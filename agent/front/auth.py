@@ -13,7 +13,7 @@ import math
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agent.api_keys import bearer_token, key_is_valid
+from agent.api_keys import ENDPOINTS, KeyScope, bearer_token, principal_of, scope_of
 from agent.config import Settings
 from agent.dispatch.types import key_fingerprint
 from agent.errors import error_object
@@ -36,9 +36,18 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         token = bearer_token(scope["headers"])
-        if key_is_valid(token, self.settings):
-            scope.setdefault("state", {})["api_key"] = token
-            await self._within_limits(token, scope, receive, send)
+        principal = principal_of(token, self.settings)
+        if principal is not None:
+            # Downstream, the request acts as the principal: never the key itself when it
+            # is a hashed one (agent.api_keys).
+            scope.setdefault("state", {})["api_key"] = principal
+            key_scope = scope_of(principal, self.settings)
+            if key_scope is not None and not key_scope.allows(ENDPOINTS.get(scope["path"])):
+                await _refuse(send, 403, "This API key may not use this endpoint "
+                              f"({ENDPOINTS.get(scope['path'])}): it is outside its scopes.",
+                              "insufficient_permissions", "invalid_request_error")
+                return
+            await self._within_limits(principal, key_scope, scope, receive, send)
             return
         if token is None:
             message = ("You didn't provide an API key. Provide it in an Authorization header "
@@ -52,14 +61,15 @@ class APIKeyMiddleware:
                                 (b"www-authenticate", b'Bearer realm="parley"')]})
         await send({"type": "http.response.body", "body": body})
 
-    async def _within_limits(self, token: str | None, scope: Scope, receive: Receive,
-                             send: Send) -> None:
+    async def _within_limits(self, principal: str, key_scope: KeyScope | None, scope: Scope,
+                             receive: Receive, send: Send) -> None:
         """The key's request limit (agent.limits), shared by every replica: a 429 with
         Retry-After past it; OpenAI's x-ratelimit-* headers on every answer."""
         state = getattr(scope.get("app"), "state", None)
         limits = getattr(state, "limits", None)
+        limit = None if key_scope is None else key_scope.requests_per_minute
         verdict = None if limits is None else \
-            await limits.take_request(key_fingerprint(token))
+            await limits.take_request(key_fingerprint(principal), limit)
         if verdict is None:
             await self.app(scope, receive, send)
             return
@@ -84,3 +94,10 @@ class APIKeyMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_limits)
+
+
+async def _refuse(send: Send, status: int, message: str, code: str, kind: str) -> None:
+    body = json.dumps(error_object(message, kind, code=code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})

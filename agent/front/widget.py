@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from agent.api_keys import principals
 from agent.config import Settings
 from agent.errors import ConfigError, NotFoundError
 from agent.front.body import read_json
@@ -89,7 +90,8 @@ async def demo_client_secret(request: Request) -> Response:
                             "(setting widget_demo).")
     body = await read_json(request) if await request.body() else {}
     state = request.app.state
-    api_key = state.settings.api_keys[0] if state.settings.api_keys else None
+    known = principals(state.settings)
+    api_key = known[0] if known else None
     return JSONResponse(await create_client_secret(body, state.settings, state.store, api_key),
                         headers={"cache-control": "no-store"})
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from agent.api_keys import bearer_token, key_is_valid
+from agent.api_keys import bearer_token, key_is_valid, principal_of, principals, scope_of
 from agent.config import Settings
 from agent.dispatch.types import key_fingerprint
 from agent.errors import InvalidRequestError, ModelNotFoundError
@@ -135,16 +135,20 @@ async def authenticate_websocket(scope: MutableMapping[str, Any], settings: Sett
             raise refuse("The client secret is invalid or has expired. Create a new one with "
                          "POST /v1/realtime/client_secrets.")
     if settings.auth_disabled:
-        api_key = token if key_is_valid(token, settings) else None
+        api_key = principal_of(token, settings)
         return Credentials(api_key, key_fingerprint(api_key), None, subprotocol, beta)
     if token is None:
         message = f"You didn't provide an API key. {_HOW_TO_AUTHENTICATE}"
         if "api_key" in parse_qs(_query(scope)):
             message += " A key in the URL ('api_key') is not accepted: URLs end up in logs."
         raise refuse(message)
-    if not key_is_valid(token, settings):
+    principal = principal_of(token, settings)
+    if principal is None:
         raise refuse("Incorrect API key provided.")
-    return Credentials(token, key_fingerprint(token), None, subprotocol, beta)
+    scope_ = scope_of(principal, settings)
+    if scope_ is not None and not scope_.allows("realtime"):
+        raise refuse("This API key may not open realtime sessions (its endpoints scope).")
+    return Credentials(principal, key_fingerprint(principal), None, subprotocol, beta)
 
 
 def offered_subprotocols(scope: MutableMapping[str, Any]) -> list[str]:
@@ -192,11 +196,12 @@ def _query(scope: MutableMapping[str, Any]) -> str:
 
 
 def _configured_key(key_id: str, settings: Settings) -> str | None:
-    """The configured API key with this fingerprint (every key compared, in constant time)."""
+    """The configured principal (agent.api_keys) with this fingerprint (every one
+    compared, in constant time)."""
     found = None
-    for key in settings.api_keys:
-        if hmac.compare_digest(key_fingerprint(key), key_id):
-            found = key
+    for principal in principals(settings):
+        if hmac.compare_digest(key_fingerprint(principal), key_id):
+            found = principal
     return found
 
 

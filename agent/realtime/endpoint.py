@@ -17,6 +17,7 @@ import time
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from agent import logs
+from agent.api_keys import scope_of
 from agent.errors import ParleyError
 from agent.lifecycle import CLOSE_RESTART, Lifecycle, shutting_down_message
 from agent.limits import SESSION_RENEW_S, Limits
@@ -59,14 +60,16 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
         return
     limits: Limits = websocket.app.state.limits
     claim = new_session_id()
-    slot = await limits.open_session(credentials.key_id, claim)
+    key_scope = scope_of(credentials.api_key, runtime.settings)
+    most = None if key_scope is None else key_scope.max_sessions
+    slot = await limits.open_session(credentials.key_id, claim, most)
     if slot is not None and not slot.allowed:
         await _refuse(websocket, RealtimeError(
             f"Rate limit reached for realtime sessions on this API key: {slot.limit} open at "
             "once. Close one, or try again later.", code="rate_limit_exceeded",
             type="requests"), CLOSE_POLICY, credentials.subprotocol)
         return
-    keeper = asyncio.create_task(_keep_claim(limits, credentials.key_id, claim)) \
+    keeper = asyncio.create_task(_keep_claim(limits, credentials.key_id, claim, most)) \
         if slot is not None else None
     try:
         await _serve_session(websocket, runtime, credentials, lifecycle)
@@ -76,11 +79,11 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
             await limits.close_session(credentials.key_id, claim)
 
 
-async def _keep_claim(limits: Limits, key_id: str, claim: str) -> None:
+async def _keep_claim(limits: Limits, key_id: str, claim: str, most: int | None) -> None:
     """Renew the session's slot while it lives; a replica that dies lets it lapse."""
     while True:
         await asyncio.sleep(SESSION_RENEW_S)
-        await limits.renew_session(key_id, claim)
+        await limits.renew_session(key_id, claim, most)
 
 
 async def _serve_session(websocket: WebSocket, runtime: Runtime, credentials: Credentials,

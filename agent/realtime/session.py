@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from agent import metrics
+from agent.api_keys import executes_tools, scope_of
 from agent.audio import encode_audio
 from agent.audio.vad import SpeechPaused, SpeechStarted, SpeechStopped, VadEvent
 from agent.chat.server_tools import MAX_TOOL_ROUNDS
@@ -680,10 +681,12 @@ class Session:
         """What is left of the key's request limit now, as every replica counts it
         (agent.limits); empty where the server sets none. (OpenAI's event names only
         requests and tokens: the session limit is not reported here.)"""
-        if self.settings.rate_limit_requests_per_minute <= 0:
+        key_scope = scope_of(self.api_key, self.settings) if self.settings.keys else None
+        limit = None if key_scope is None else key_scope.requests_per_minute
+        if (self.settings.rate_limit_requests_per_minute if limit is None else limit) <= 0:
             return []
         limits = Limits(self.runtime.store, self.settings)
-        left = await limits.requests_left(key_fingerprint(self.api_key))
+        left = await limits.requests_left(key_fingerprint(self.api_key), limit)
         return [] if left is None else [left.rate_limit("requests")]
 
     # -- tools --------------------------------------------------------------------------------
@@ -699,7 +702,8 @@ class Session:
         wanted = self.config.server_tools
         if wanted is None:
             keys = self.runtime.tools_config.execute_keys if self.runtime.tools_config else ()
-            wanted = "*" in keys or (self.api_key is not None and self.api_key in keys)
+            wanted = "*" in keys or (self.api_key is not None and self.api_key in keys) or \
+                executes_tools(self.api_key, self.settings)
         if self.dispatcher is None or not wanted:
             return frozenset()
         own = {t["name"] for t in self.config.tools}

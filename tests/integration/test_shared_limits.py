@@ -127,3 +127,55 @@ async def test_limits_hold_across_two_replicas(redis_url):
         for replica in replicas:
             replica.process.terminate()
             replica.process.wait(30)
+
+
+SCOPED = "sk-scoped-limited"
+
+
+@pytest.mark.slow
+async def test_a_hashed_key_with_scopes_across_two_replicas(redis_url, tmp_path):
+    from agent.api_keys import key_digest
+
+    config = tmp_path / "parley.toml"
+    config.write_text(f'[keys.widget-backend]\nhash = "sha256:{key_digest(SCOPED)}"\n'
+                      'endpoints = ["models", "realtime"]\nrequests_per_minute = 3\n'
+                      'max_sessions = 1\n')
+    env = {"PARLEY_CONFIG": str(config), "PARLEY_API_KEYS": KEY,
+           "PARLEY_REDIS_URL": redis_url, "PARLEY_LOG_LEVEL": "warning"}
+    replicas = [start(env, timeout_s=300, warm=True), start(env, timeout_s=300, warm=True)]
+    scoped = {"Authorization": f"Bearer {SCOPED}"}
+    try:
+        # Its own limit (3 a minute; the server sets none), counted by both replicas.
+        codes = [httpx.get(replicas[n % 2].base + "/v1/models", headers=scoped).status_code
+                 for n in range(2)]
+        assert codes == [200, 200]
+        # Outside its endpoints: refused, and not counted against it.
+        chat = httpx.post(replicas[0].base + "/v1/chat/completions", headers=scoped,
+                          json={"model": "gpt-4o-audio-preview",
+                                "messages": [{"role": "user", "content": "Hi"}]})
+        assert chat.status_code == 403
+        assert chat.json()["error"]["code"] == "insufficient_permissions"
+        # A client secret it makes opens a session that acts as it (its session limit).
+        secret = httpx.post(replicas[1].base + "/v1/realtime/client_secrets", headers=scoped,
+                            json={"session": {"type": "realtime"}})
+        assert secret.status_code == 200, secret.text
+        assert httpx.get(replicas[0].base + "/v1/models",
+                         headers=scoped).status_code == 429     # its 4th request
+        # ...while a plain key is unlimited.
+        assert httpx.get(replicas[0].base + "/v1/models",
+                         headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        url = replicas[0].base.replace("http://", "ws://") + "/v1/realtime"
+        offer = ["realtime", f"openai-insecure-api-key.{secret.json()['value']}"]
+        browser = await websockets.connect(url, subprotocols=offer)
+        assert (await _first(browser, {"session.created", "error"}))["type"] == \
+            "session.created"
+        second = await websockets.connect(url.replace(replicas[0].base.split("//")[1],
+                                                      replicas[1].base.split("//")[1]),
+                                          subprotocols=offer)
+        refused = await _first(second, {"session.created", "error"})
+        assert refused["type"] == "error" and refused["error"]["code"] == "rate_limit_exceeded"
+        await browser.close()
+    finally:
+        for replica in replicas:
+            replica.process.terminate()
+            replica.process.wait(30)
