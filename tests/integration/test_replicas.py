@@ -20,6 +20,7 @@ import websockets
 
 from agent.audio import decode_audio
 from tests.server_process import Server, start
+from tests.ws_events import until as _until
 
 pytestmark = pytest.mark.slow
 
@@ -136,16 +137,6 @@ def _ws_url(base: str, **query: str) -> str:
 async def _connect(base: str, **query: str):
     return await websockets.connect(_ws_url(base, **query), max_size=None,
                                     additional_headers={"Authorization": f"Bearer {KEY}"})
-
-
-async def _until(ws, kind: str, timeout: float = 120) -> dict:
-    async with asyncio.timeout(timeout):
-        while True:
-            event = json.loads(await ws.recv())
-            if event["type"] == kind:
-                return event
-            if event["type"] == "error":
-                raise AssertionError(event)
 
 
 async def _send(ws, **event) -> None:

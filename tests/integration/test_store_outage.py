@@ -18,6 +18,7 @@ import websockets
 from agent.config import load_settings
 from agent.state.store import Store
 from tests.server_process import free_port, start
+from tests.ws_events import until as _until
 
 KEY = "sk-store-outage"
 
@@ -93,16 +94,6 @@ async def test_store_through_sentinel(tmp_path):
         sentinel.terminate()
         sentinel.wait(10)
         master.stop()
-
-
-async def _until(ws, kind: str, timeout: float = 120) -> dict:
-    async with asyncio.timeout(timeout):
-        while True:
-            event = json.loads(await ws.recv())
-            if event["type"] == kind:
-                return event
-            if event["type"] == "error":
-                raise AssertionError(event)
 
 
 async def _ask(ws, text: str) -> dict:
