@@ -282,7 +282,8 @@ async def test_a_tool_call_in_flight_on_a_dead_replica_never_runs_twice(
     done = await _until(ws, "response.done")
     [call] = [o for o in done["response"]["output"] if o["type"] == "function_call"]
     assert call["name"] == "order_status"
-    assert await asyncio.to_thread(webhook.called.wait, 60)   # the call is running now
+    assert await asyncio.to_thread(webhook.called.wait, 60), \
+        (call, doomed.output()[-3000:])                      # the call is running now
     doomed.process.send_signal(signal.SIGKILL)
     doomed.process.wait(10)
 
