@@ -67,8 +67,24 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+# Parsed scopes by the identity of the settings' `keys` table (kept beside them, so an id
+# is never reused): every request asks, and the table never changes once loaded.
+_PARSED: dict[int, tuple[object, tuple[KeyScope, ...]]] = {}
+
+
 def key_scopes(settings: Settings) -> tuple[KeyScope, ...]:
     """The hashed keys of the configuration; ConfigError names what is wrong."""
+    if not settings.keys:
+        return ()
+    cached = _PARSED.get(id(settings.keys))
+    if cached is not None and cached[0] is settings.keys:
+        return cached[1]
+    scopes = _parse_scopes(settings)
+    _PARSED[id(settings.keys)] = (settings.keys, scopes)
+    return scopes
+
+
+def _parse_scopes(settings: Settings) -> tuple[KeyScope, ...]:
     scopes = []
     for name, table in settings.keys.items():
         where = f"keys.{name}"

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from agent import __version__
-from agent.api_keys import with_api_keys
+from agent.api_keys import key_scopes, with_api_keys
 from agent.assets import MODELS, resolve
 from agent.config import Settings
 from agent.errors import ModelMissingError, ParleyError, client_error, error_object
@@ -120,6 +120,7 @@ async def list_models(request: Request) -> JSONResponse:
 def create_app(settings: Settings) -> Starlette:
     settings = with_api_keys(settings)
     check_demo_mode(settings)
+    key_scopes(settings)  # a malformed [keys] table fails at start, not on a request
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -54,12 +54,8 @@ class APIKeyMiddleware:
                        "(Authorization: Bearer YOUR_KEY).")
         else:
             message = "Incorrect API key provided."
-        body = json.dumps(error_object(message, "invalid_request_error",
-                                       code="invalid_api_key")).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"www-authenticate", b'Bearer realm="parley"')]})
-        await send({"type": "http.response.body", "body": body})
+        await _refuse(send, 401, message, "invalid_api_key", "invalid_request_error",
+                      [(b"www-authenticate", b'Bearer realm="parley"')])
 
     async def _within_limits(self, principal: str, key_scope: KeyScope | None, scope: Scope,
                              receive: Receive, send: Send) -> None:
@@ -80,12 +76,8 @@ class APIKeyMiddleware:
             wait = max(1, math.ceil(verdict.retry_after_s))
             message = (f"Rate limit reached for requests on this API key: "
                        f"{verdict.limit} per minute. Please try again in {wait}s.")
-            body = json.dumps(error_object(message, "requests",
-                                           code="rate_limit_exceeded")).encode()
-            await send({"type": "http.response.start", "status": 429,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"retry-after", str(wait).encode()), *headers]})
-            await send({"type": "http.response.body", "body": body})
+            await _refuse(send, 429, message, "rate_limit_exceeded", "requests",
+                          [(b"retry-after", str(wait).encode()), *headers])
             return
 
         async def send_with_limits(message: Message) -> None:
@@ -96,8 +88,10 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send_with_limits)
 
 
-async def _refuse(send: Send, status: int, message: str, code: str, kind: str) -> None:
+async def _refuse(send: Send, status: int, message: str, code: str, kind: str,
+                  headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """An error answer in OpenAI's shape, with `headers` beside the content type."""
     body = json.dumps(error_object(message, kind, code=code)).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json")]})
+                "headers": [(b"content-type", b"application/json"), *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
