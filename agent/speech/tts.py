@@ -23,10 +23,11 @@ from typing import TypeVar
 
 import numpy as np
 
+from agent.audio.stretch import stretch
 from agent.config import Settings
 from agent.errors import InvalidRequestError
 from agent.speech.clauses import DEFAULT_POLICY, ClausePolicy, ClauseSplitter, split_clauses
-from agent.speech.voices import LoadedVoice, VoiceBank
+from agent.speech.voices import LoadedVoice, SpeedPlan, VoiceBank
 
 MIN_SPEED = 0.25
 MAX_SPEED = 4.0
@@ -122,8 +123,8 @@ class TTSEngine:
         """Speak a whole text (blocking): (float32 mono PCM, sample rate)."""
         if not isinstance(text, str):
             raise InvalidRequestError(f"the text to speak must be a string, not {text!r}")
-        loaded, length_scale = self._prepare(*self.check(voice, speed))
-        pieces = [_speak(loaded, clause, length_scale, self._varied)
+        loaded, plan = self._prepare(*self.check(voice, speed))
+        pieces = [_speak(loaded, clause, plan, self._varied)
                   for clause in split_clauses(text)]
         pcm = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
         return pcm, loaded.rate
@@ -152,42 +153,51 @@ class TTSEngine:
         """
         name, speed = self.check(voice, speed)
         # Loading a voice, or measuring it for a new speed, is model work: off the loop.
-        loaded, length_scale = await self._run(self._prepare, name, speed)
+        loaded, plan = await self._run(self._prepare, name, speed)
         splitter = ClauseSplitter(policy)
         source = text if isinstance(text, AsyncIterable) else _from_sync(text)
         async for delta in source:
             for clause in splitter.feed(delta):
-                yield await self._clause(loaded, clause, length_scale)
+                yield await self._clause(loaded, clause, plan)
         if (rest := splitter.flush()) is not None:
-            yield await self._clause(loaded, rest, length_scale)
+            yield await self._clause(loaded, rest, plan)
 
-    def _prepare(self, name: str, speed: float) -> tuple[LoadedVoice, float]:
+    def _prepare(self, name: str, speed: float) -> tuple[LoadedVoice, SpeedPlan]:
         loaded = self.voices.get(name)
-        return loaded, loaded.length_scale(speed)
+        return loaded, loaded.speed_plan(speed)
 
-    async def _clause(self, loaded: LoadedVoice, text: str, length_scale: float) -> AudioChunk:
-        pcm = await self._run(_speak, loaded, text, length_scale, self._varied)
+    async def _clause(self, loaded: LoadedVoice, text: str, plan: SpeedPlan) -> AudioChunk:
+        pcm = await self._run(_speak, loaded, text, plan, self._varied)
         return AudioChunk(pcm, loaded.rate, text)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
 
-def _speak(loaded: LoadedVoice, text: str, length_scale: float, varied: bool) -> np.ndarray:
-    """One clause through Piper (blocking). Piper may split it into sentences; join them.
-    Unvaried speech zeroes the two noise inputs, the only random part of Piper's model."""
+def _speak(loaded: LoadedVoice, text: str, plan: SpeedPlan, varied: bool) -> np.ndarray:
+    """One clause through Piper (blocking), stretched where the plan says. Piper may split
+    it into sentences; join them. Unvaried speech zeroes the two noise inputs, the only
+    random part of Piper's model."""
     from piper import SynthesisConfig
 
     spoken = speakable(text)
     if not _SPEAKABLE.search(spoken):
         return np.zeros(0, np.float32)
-    config = SynthesisConfig(length_scale=length_scale, volume=VOLUME)
+    config = SynthesisConfig(length_scale=plan.length_scale, volume=VOLUME)
     if not varied:
         config.noise_scale = config.noise_w_scale = 0.0
     pieces = [chunk.audio_float_array for chunk in loaded.piper.synthesize(spoken, config)]  # type: ignore[attr-defined]
     if not pieces:
         return np.zeros(0, np.float32)
-    return np.concatenate(pieces).astype(np.float32, copy=False)
+    pcm = np.concatenate(pieces).astype(np.float32, copy=False)
+    if plan.speed == 1.0:
+        return pcm
+    reference = SynthesisConfig(length_scale=loaded.length_scale(1.0), noise_w_scale=0.0)
+    chunks = loaded.piper.synthesize(spoken, reference)  # type: ignore[attr-defined]
+    at_one = int(np.sum([len(c.audio_float_array) for c in chunks]))
+    tempo = len(pcm) * plan.speed / at_one if at_one else 1.0
+    # Within 2% Piper already did it; a stretch would only cost a little quality.
+    return stretch(pcm, loaded.rate, tempo) if abs(tempo - 1.0) > 0.02 else pcm
 
 
 async def _from_sync(text: str | Iterable[str]) -> AsyncIterator[str]:

@@ -10,8 +10,15 @@ phoneme (and the blanks between them) at least one frame, so a voice's duration 
 like `fixed + variable * length_scale` rather than `variable * length_scale`: plain
 `length_scale = 1/speed` gives only 1.6× at speed 2 and 3.3× slower at 0.25. Each voice is
 measured once (two deterministic syntheses, at its first speed other than 1) and the length
-scale is solved so that speech really lasts 1/speed as long. Above about 2.2× the one-frame
-floor is reached and speech cannot get faster without time-stretching, which we never do.
+scale is solved so that speech lasts about 1/speed as long. The fit is only close: a clause
+at speed 2 came out 3 to 17% long, and near 2.2× the one-frame floor is reached (speed 4
+came out hardly shorter than speed 2). So at any speed other than 1 each clause is also
+synthesised at speed 1, without duration noise, to learn how long it really is, and a
+pitch-keeping time-stretch (`agent.audio.stretch`) takes Piper's clause, spoken at
+min(speed, MAX_MODEL_SPEED), onto exactly 1/speed of that. Piper does as much of the
+change as it can because its own fast speech stays more intelligible than stretched
+speech (Whisper base, 4 sentences at speed 3: 17% WER from Piper at 2× then stretched,
+44% from speed-1 speech stretched 3×).
 """
 
 from __future__ import annotations
@@ -29,7 +36,18 @@ from agent.errors import ConfigError, VoiceError
 
 # Solved length scales below this gain almost nothing (the frame floor) and slur words.
 MIN_LENGTH_SCALE = 0.2
+# The fastest rate asked of Piper itself; faster speech is stretched from this one.
+MAX_MODEL_SPEED = 2.0
 _CALIBRATION_TEXT = "A quick test of the speaking rate, with a few ordinary words."
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """How one speaking rate is made: Piper at `length_scale`, then (speed ≠ 1) a stretch
+    onto exactly 1/speed of the clause's duration at speed 1."""
+
+    length_scale: float
+    speed: float = 1.0
 
 
 @dataclass
@@ -48,16 +66,26 @@ class LoadedVoice:
         """Share of a clause's duration that does not scale with length_scale (see module
         doc). Measured on first need, so speaking at speed 1 never waits for it."""
         with self._lock:
-            if self._fixed_fraction is None:
-                self._fixed_fraction = _measure_fixed_fraction(self.piper)
-            return self._fixed_fraction
+            return self._fraction()
+
+    def _fraction(self) -> float:
+        if self._fixed_fraction is None:
+            self._fixed_fraction = _measure_fixed_fraction(self.piper)
+        return self._fixed_fraction
+
+    def speed_plan(self, speed: float) -> SpeedPlan:
+        """What makes speech last 1/speed as long as at speed 1."""
+        return SpeedPlan(self.length_scale(min(speed, MAX_MODEL_SPEED)), speed)
 
     def length_scale(self, speed: float) -> float:
-        """The length scale that makes speech last 1/speed as long as at speed 1."""
+        """The length scale that makes Piper's speech last 1/speed as long as at speed 1."""
+        return self._length_scale(speed, 0.0 if speed == 1.0 else self.fixed_fraction)
+
+    def _length_scale(self, speed: float, fixed_fraction: float) -> float:
         base = float(getattr(self.piper.config, "length_scale", 1.0) or 1.0)  # type: ignore[attr-defined]
         if speed == 1.0:
             return base
-        f = self.fixed_fraction
+        f = fixed_fraction
         return base * max(MIN_LENGTH_SCALE, (1.0 / speed - f) / (1.0 - f))
 
 
@@ -150,19 +178,20 @@ def execution_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _measure_fixed_fraction(piper) -> float:
-    """Fit duration = fixed + variable·length_scale from two syntheses (also a warm-up)."""
+def _calibration_samples(piper, length_scale: float) -> float:
     from piper import SynthesisConfig
 
+    # No duration noise, so runs differ only by length_scale.
+    config = SynthesisConfig(length_scale=length_scale, noise_w_scale=0.0)
+    chunks = piper.synthesize(_CALIBRATION_TEXT, config)
+    return float(np.sum([len(c.audio_float_array) for c in chunks]))
+
+
+def _measure_fixed_fraction(piper) -> float:
+    """Fit duration = fixed + variable·length_scale from two syntheses (also a warm-up)."""
     base = float(piper.config.length_scale or 1.0)
-
-    def samples(length_scale: float) -> float:
-        # No duration noise, so the two runs differ only by length_scale.
-        config = SynthesisConfig(length_scale=length_scale, noise_w_scale=0.0)
-        chunks = piper.synthesize(_CALIBRATION_TEXT, config)
-        return float(np.sum([len(c.audio_float_array) for c in chunks]))
-
-    at_one, at_two = samples(base), samples(2.0 * base)
+    at_one = _calibration_samples(piper, base)
+    at_two = _calibration_samples(piper, 2.0 * base)
     variable = at_two - at_one
     if at_one <= 0 or variable <= 0:
         return 0.0

@@ -38,6 +38,7 @@ TEXT = (
 )
 FORMATS = ("wav", "mp3", "opus", "flac", "aac", "pcm16", "g711_ulaw")
 SPEEDS = (0.75, 1.0, 1.5)
+RANGE = (0.25, 0.5, 2.0, 3.0, 4.0)
 # Narrowband G.711 (8 kHz) is not paired with fast speech: Whisper base's error rate on
 # that pair varied from 0.10 to 0.23 between Piper's (random) renditions here, a limit of
 # the recogniser on telephone-band audio rather than anything Parley does.
@@ -58,7 +59,7 @@ def speech(settings: Settings) -> dict[float, tuple[np.ndarray, int]]:
     # every run, not on whether this run's rendition happens to be hard for Whisper.
     engine = TTSEngine(dataclasses.replace(settings, tts_threads=1, tts_variation=False))
     try:
-        return {speed: engine.synthesize(TEXT, "alloy", speed) for speed in SPEEDS}
+        return {speed: engine.synthesize(TEXT, "alloy", speed) for speed in (*SPEEDS, *RANGE)}
     finally:
         engine.close()
 
@@ -106,3 +107,21 @@ def test_spoken_words_come_back(hear, lossless_wer, fmt: str, speed: float):
     assert wer <= lossless_wer[speed] + two_words + 1e-9, (
         f"{fmt} at speed {speed}: WER {wer:.2f} vs {lossless_wer[speed]:.2f} for wav: {text!r}"
     )
+
+
+# What Whisper base still hears of the whole range (wav, this fixed rendition). At 2x it
+# measured WER 0.16 (one word more than at speed 1). 3x and 4x are faster than anyone
+# talks (10 to 16 syllables a second) and Whisper base follows neither (WER 0.81 and 0.90
+# here), so there only the length is held; that is a limit the issue notes, not a pass.
+HEARD_SPEEDS = {0.25: MAX_WER, 0.5: MAX_WER, 2.0: 0.2}
+
+
+@pytest.mark.parametrize("speed", RANGE)
+def test_the_whole_speed_range_lasts_one_over_speed(speech, hear, speed: float):
+    at_one = len(speech[1.0][0])
+    ratio = len(speech[speed][0]) / (at_one / speed)
+    assert 0.9 < ratio < 1.1, f"speed {speed}: {ratio:.3f} of 1/speed as long"
+    if speed in HEARD_SPEEDS:
+        text = hear("wav", speed)
+        wer = word_error_rate(TEXT, text)
+        assert wer <= HEARD_SPEEDS[speed], f"speed {speed}: WER {wer:.2f}: {text!r}"

@@ -69,16 +69,31 @@ def test_synthesis_gives_float32_mono_speech_at_the_voice_rate(engine: TTSEngine
     assert voiced_seconds(pcm, rate) > 0.6 * seconds(pcm, rate)
 
 
-def test_duration_scales_with_one_over_speed(engine: TTSEngine):
-    speeds = (0.25, 0.5, 1.0, 1.5, 2.0, 4.0)
-    durations = {s: seconds(*engine.synthesize(SENTENCE, "alloy", s)) for s in speeds}
-    ordered = [durations[s] for s in speeds]
-    assert ordered == sorted(ordered, reverse=True), durations
-    for speed in speeds[:-1]:
-        ratio = durations[speed] / (durations[1.0] / speed)
-        assert 0.85 < ratio < 1.15, (speed, durations)
-    # Above ~2.2x Piper reaches one frame per phoneme (see voices.py): faster, not 4x.
-    assert durations[4.0] < durations[1.0] / 1.8, durations
+@pytest.mark.parametrize("speed", [0.25, 0.5, 2.0, 3.0, 4.0])
+def test_speech_lasts_one_over_speed_as_long_across_the_whole_range(engine: TTSEngine,
+                                                                     speed: float):
+    # Piper's own length scale misses by up to 17% at 2x and cannot pass ~2.2x; each
+    # clause is stretched onto its speed-1 length over the speed (see voices.py).
+    at_one = seconds(*engine.synthesize(SENTENCE, "alloy", 1.0))
+    ratio = seconds(*engine.synthesize(SENTENCE, "alloy", speed)) / (at_one / speed)
+    assert 0.9 < ratio < 1.1, (speed, ratio)
+
+
+def test_stretched_clauses_meet_without_a_click(engine: TTSEngine):
+    async def collect() -> list[AudioChunk]:
+        text = "First, a short clause. Then a second one, and a third to end it."
+        return [chunk async for chunk in engine.stream(text, speed=3.0)]
+
+    chunks = asyncio.run(collect())
+    voiced = [c.pcm for c in chunks if len(c.pcm)]
+    assert len(voiced) >= 2
+    joined = np.concatenate(voiced)
+    steps = np.abs(np.diff(joined))
+    joins = np.cumsum([len(p) for p in voiced[:-1]])
+    # A click is a step far beyond what the speech itself does from sample to sample.
+    typical = float(np.percentile(steps, 99))
+    for at in joins:
+        assert steps[at - 1] <= typical, (at, steps[at - 1], typical)
 
 
 def test_speech_varies_per_call_unless_variation_is_off(engine: TTSEngine, settings_):
