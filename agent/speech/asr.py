@@ -129,7 +129,8 @@ class ASREngine:
         30 s pass, and a wrong one is worse than none."""
         audio = as_audio(audio)
         code = self.resolve_language(language)
-        future = self._pool.submit(Priority.PARTIAL, self._partial, audio, code)
+        future = self._pool.submit_skippable(Priority.PARTIAL, None, self._partial, audio,
+                                             code)
         return await asyncio.wrap_future(future)
 
     def _partial(self, audio: np.ndarray, language: str | None) -> Transcript | None:

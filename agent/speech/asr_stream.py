@@ -154,6 +154,10 @@ class ASRStream:
             return
         if self._speculation is not None:
             self._speculation[1].cancel()  # speech resumed since that pause
+        if self._partial_task is not None:
+            # The turn may be ending: a partial still queued would only delay the
+            # final pass of another session; one already running cannot be stopped.
+            self._partial_task.cancel()
         end = self._span_end(speech_end)
         self._covered = end
         task = asyncio.get_running_loop().create_task(self._run_final(end))

@@ -1,4 +1,10 @@
-"""A small thread pool that runs the most urgent model call first."""
+"""A small thread pool that runs the most urgent model call first.
+
+Skippable jobs (partial transcripts) give way under load: one taken from the queue while
+`skip_backlog` or more jobs still wait behind it is answered with its `skipped` value
+without running, because by the time it would finish its news is stale and every job
+behind it waits for it.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+_RUN = None  # a job's skip field when it must always run
 
 
 class Priority(enum.IntEnum):
@@ -24,8 +31,10 @@ class Priority(enum.IntEnum):
 class PriorityPool:
     """Worker threads taking jobs lowest priority first, FIFO within a priority."""
 
-    def __init__(self, workers: int, name: str) -> None:
+    def __init__(self, workers: int, name: str, *, skip_backlog: int = 2) -> None:
         self._jobs: queue.PriorityQueue = queue.PriorityQueue()
+        self._skip_backlog = skip_backlog
+        self.skipped = 0  # skippable jobs answered without running, for tests and metrics
         self._order = itertools.count()
         self._closed = False
         self._threads = [
@@ -40,19 +49,34 @@ class PriorityPool:
         if self._closed:
             raise RuntimeError("the worker pool is shut down")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._jobs.put((priority, next(self._order), future, fn, args))
+        self._jobs.put((priority, next(self._order), future, fn, args, _RUN))
+        return future
+
+    def submit_skippable(self, priority: int, skipped: T, fn: Callable[..., T], *args: Any
+                         ) -> concurrent.futures.Future[T]:
+        """Like `submit`, but answered with `skipped` instead of run when the queue is
+        long (see the module doc)."""
+        if self._closed:
+            raise RuntimeError("the worker pool is shut down")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put((priority, next(self._order), future, fn, args, (skipped,)))
         return future
 
     def _run(self) -> None:
         while True:
-            _, _, future, fn, args = self._jobs.get()
+            _, _, future, fn, args, skip = self._jobs.get()
             if future is None:
                 return
-            self._run_one(future, fn, args)
+            if skip is not _RUN and self._jobs.qsize() >= self._skip_backlog:
+                if future.set_running_or_notify_cancel():
+                    self.skipped += 1
+                    future.set_result(skip[0])
+            else:
+                self._run_one(future, fn, args)
             # Hold nothing between jobs: if a worker kept the last reference to a model
             # (through a bound method), the model would be destroyed on this thread, and
             # CTranslate2 aborts the process when that happens.
-            del future, fn, args
+            del future, fn, args, skip
 
     @staticmethod
     def _run_one(future: concurrent.futures.Future, fn: Callable[..., Any],
@@ -71,10 +95,10 @@ class PriorityPool:
         self._closed = True
         while True:
             try:
-                _, _, future, _, _ = self._jobs.get_nowait()
+                _, _, future, _, _, _ = self._jobs.get_nowait()
             except queue.Empty:
                 break
             if future is not None:
                 future.cancel()
         for _ in self._threads:
-            self._jobs.put((-1, next(self._order), None, None, ()))
+            self._jobs.put((-1, next(self._order), None, None, (), _RUN))
