@@ -17,7 +17,6 @@ import math
 import os
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -28,6 +27,7 @@ from agent.config import Settings
 from agent.errors import InvalidRequestError
 from agent.speech.clauses import DEFAULT_POLICY, ClausePolicy, ClauseSplitter, split_clauses
 from agent.speech.voices import LoadedVoice, SpeedPlan, VoiceBank
+from agent.speech.workers import PriorityPool
 
 MIN_SPEED = 0.25
 MAX_SPEED = 4.0
@@ -45,6 +45,10 @@ _MARKDOWN = (
 )
 
 T = TypeVar("T")
+# Synthesis order when sessions share the cores: a reply's first clause is what a caller
+# is waiting to hear; a whole text is one request's answer; later clauses of a streamed
+# reply are queued while its first ones play, so they can wait behind both.
+FIRST_CLAUSE, WHOLE_TEXT, LATER_CLAUSE = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ class TTSEngine:
         self._varied = settings.tts_variation
         # onnxruntime uses `tts_threads` per run; this many runs fill the cores.
         workers = max(1, (os.cpu_count() or 2) // max(1, settings.tts_threads))
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="tts")
+        self._pool = PriorityPool(workers, "tts")
 
     @property
     def voice_names(self) -> tuple[str, ...]:
@@ -113,7 +117,7 @@ class TTSEngine:
         return loaded.rate
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
 
     # --- whole texts ---
 
@@ -133,7 +137,7 @@ class TTSEngine:
         self, text: str, voice: str | None = None, speed: float = 1.0
     ) -> AudioChunk:
         """Speak a whole text off the event loop."""
-        pcm, rate = await self._run(self.synthesize, text, voice, speed)
+        pcm, rate = await self._run(WHOLE_TEXT, self.synthesize, text, voice, speed)
         return AudioChunk(pcm, rate, text)
 
     # --- streaming ---
@@ -153,25 +157,28 @@ class TTSEngine:
         """
         name, speed = self.check(voice, speed)
         # Loading a voice, or measuring it for a new speed, is model work: off the loop.
-        loaded, plan = await self._run(self._prepare, name, speed)
+        loaded, plan = await self._run(FIRST_CLAUSE, self._prepare, name, speed)
         splitter = ClauseSplitter(policy)
         source = text if isinstance(text, AsyncIterable) else _from_sync(text)
+        priority = FIRST_CLAUSE
         async for delta in source:
             for clause in splitter.feed(delta):
-                yield await self._clause(loaded, clause, plan)
+                yield await self._clause(priority, loaded, clause, plan)
+                priority = LATER_CLAUSE
         if (rest := splitter.flush()) is not None:
-            yield await self._clause(loaded, rest, plan)
+            yield await self._clause(priority, loaded, rest, plan)
 
     def _prepare(self, name: str, speed: float) -> tuple[LoadedVoice, SpeedPlan]:
         loaded = self.voices.get(name)
         return loaded, loaded.speed_plan(speed)
 
-    async def _clause(self, loaded: LoadedVoice, text: str, plan: SpeedPlan) -> AudioChunk:
-        pcm = await self._run(_speak, loaded, text, plan, self._varied)
+    async def _clause(self, priority: int, loaded: LoadedVoice, text: str, plan: SpeedPlan
+                      ) -> AudioChunk:
+        pcm = await self._run(priority, _speak, loaded, text, plan, self._varied)
         return AudioChunk(pcm, loaded.rate, text)
 
-    async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def _run(self, priority: int, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.wrap_future(self._pool.submit(priority, fn, *args))
 
 
 def _speak(loaded: LoadedVoice, text: str, plan: SpeedPlan, varied: bool) -> np.ndarray:

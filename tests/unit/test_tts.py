@@ -330,3 +330,22 @@ def test_piper_runs_on_cuda_where_onnxruntime_has_it(monkeypatch) -> None:
     monkeypatch.setattr(onnxruntime, "get_available_providers",
                         lambda: ["CPUExecutionProvider"])
     assert execution_providers() == ["CPUExecutionProvider"]
+
+
+async def test_a_replys_first_clause_goes_ahead_of_later_clauses(engine: TTSEngine,
+                                                                 monkeypatch):
+    # The shared pool runs lower priorities first (tests/unit/test_speech_workers.py); here,
+    # which priority each clause of a streamed reply asks for.
+    asked: list[int] = []
+    run = engine._run
+
+    async def recording(priority, fn, *args):
+        if fn is tts_module._speak:
+            asked.append(priority)
+        return await run(priority, fn, *args)
+
+    monkeypatch.setattr(engine, "_run", recording)
+    chunks = [c async for c in engine.stream("First, this. Then that one. And the last.")]
+    assert len(chunks) == len(asked) >= 2
+    assert asked == [tts_module.FIRST_CLAUSE] + [tts_module.LATER_CLAUSE] * (len(asked) - 1)
+    assert tts_module.FIRST_CLAUSE < tts_module.WHOLE_TEXT < tts_module.LATER_CLAUSE
