@@ -66,12 +66,9 @@ class LoadedVoice:
         """Share of a clause's duration that does not scale with length_scale (see module
         doc). Measured on first need, so speaking at speed 1 never waits for it."""
         with self._lock:
-            return self._fraction()
-
-    def _fraction(self) -> float:
-        if self._fixed_fraction is None:
-            self._fixed_fraction = _measure_fixed_fraction(self.piper)
-        return self._fixed_fraction
+            if self._fixed_fraction is None:
+                self._fixed_fraction = _measure_fixed_fraction(self.piper)
+            return self._fixed_fraction
 
     def speed_plan(self, speed: float) -> SpeedPlan:
         """What makes speech last 1/speed as long as at speed 1."""
@@ -79,13 +76,10 @@ class LoadedVoice:
 
     def length_scale(self, speed: float) -> float:
         """The length scale that makes Piper's speech last 1/speed as long as at speed 1."""
-        return self._length_scale(speed, 0.0 if speed == 1.0 else self.fixed_fraction)
-
-    def _length_scale(self, speed: float, fixed_fraction: float) -> float:
         base = float(getattr(self.piper.config, "length_scale", 1.0) or 1.0)  # type: ignore[attr-defined]
         if speed == 1.0:
             return base
-        f = fixed_fraction
+        f = self.fixed_fraction
         return base * max(MIN_LENGTH_SCALE, (1.0 / speed - f) / (1.0 - f))
 
 
@@ -178,20 +172,19 @@ def execution_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _calibration_samples(piper, length_scale: float) -> float:
-    from piper import SynthesisConfig
-
-    # No duration noise, so runs differ only by length_scale.
-    config = SynthesisConfig(length_scale=length_scale, noise_w_scale=0.0)
-    chunks = piper.synthesize(_CALIBRATION_TEXT, config)
-    return float(np.sum([len(c.audio_float_array) for c in chunks]))
-
-
 def _measure_fixed_fraction(piper) -> float:
     """Fit duration = fixed + variable·length_scale from two syntheses (also a warm-up)."""
+    from piper import SynthesisConfig
+
     base = float(piper.config.length_scale or 1.0)
-    at_one = _calibration_samples(piper, base)
-    at_two = _calibration_samples(piper, 2.0 * base)
+
+    def samples(length_scale: float) -> float:
+        # No duration noise, so the two runs differ only by length_scale.
+        config = SynthesisConfig(length_scale=length_scale, noise_w_scale=0.0)
+        chunks = piper.synthesize(_CALIBRATION_TEXT, config)
+        return float(np.sum([len(c.audio_float_array) for c in chunks]))
+
+    at_one, at_two = samples(base), samples(2.0 * base)
     variable = at_two - at_one
     if at_one <= 0 or variable <= 0:
         return 0.0

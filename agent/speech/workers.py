@@ -46,20 +46,20 @@ class PriorityPool:
 
     def submit(self, priority: int, fn: Callable[..., T], *args: Any
                ) -> concurrent.futures.Future[T]:
-        if self._closed:
-            raise RuntimeError("the worker pool is shut down")
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._jobs.put((priority, next(self._order), future, fn, args, _RUN))
-        return future
+        return self._put(priority, _RUN, fn, args)
 
     def submit_skippable(self, priority: int, skipped: T, fn: Callable[..., T], *args: Any
                          ) -> concurrent.futures.Future[T]:
         """Like `submit`, but answered with `skipped` instead of run when the queue is
         long (see the module doc)."""
+        return self._put(priority, (skipped,), fn, args)
+
+    def _put(self, priority: int, skip: tuple | None, fn: Callable[..., T], args: tuple
+             ) -> concurrent.futures.Future[T]:
         if self._closed:
             raise RuntimeError("the worker pool is shut down")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._jobs.put((priority, next(self._order), future, fn, args, (skipped,)))
+        self._jobs.put((priority, next(self._order), future, fn, args, skip))
         return future
 
     def _run(self) -> None:
